@@ -1,0 +1,708 @@
+"""What bridge.py does, checked over real sockets on loopback.
+
+Twilio is played by a real WebSocket client (the Media Stream) and a real HTTP client (the
+webhooks); the Voice Agent API by a real local WebSocket server that each test scripts by hand;
+Twilio's REST API and the ngrok agent by a small local HTTP server. Run: python -m unittest -v
+"""
+
+import asyncio
+import base64
+import contextlib
+import http.client
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import threading
+import unittest
+import urllib.parse
+from unittest import mock
+
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import serve
+from websockets.exceptions import ConnectionClosed
+
+import bridge
+
+TIMEOUT = 5  # seconds any one expected event may take
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def audio(tag: str, n: int, size: int = 160) -> str:
+    """A base64 mu-law frame whose bytes say which stream and which frame it is."""
+    return base64.b64encode(f"{tag}-{n:04d}".encode().ljust(size, b"\xff")).decode()
+
+
+# --------------------------------------------------------------------------- fakes
+
+
+class Peer:
+    """One end of a WebSocket in a test: keeps every JSON message it receives, in order."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self.received: list[dict] = []
+        self.changed = asyncio.Condition()
+        self.reader = asyncio.create_task(self.read())
+
+    async def read(self):
+        with contextlib.suppress(ConnectionClosed):
+            async for message in self.ws:
+                event = json.loads(message)
+                async with self.changed:
+                    self.received.append(event)
+                    self.changed.notify_all()
+                await self.react(event)
+
+    async def react(self, event: dict):
+        """Answer an event the way the real peer would; nothing by default."""
+
+    async def send(self, message: dict):
+        await self.ws.send(json.dumps(message))
+
+    def of(self, key: str, value: str) -> list[dict]:
+        return [m for m in self.received if m.get(key) == value]
+
+    async def wait_for(self, predicate, timeout: float = TIMEOUT):
+        """Wait until predicate(self) is true, and return its value."""
+        async with self.changed:
+            return await asyncio.wait_for(self.changed.wait_for(lambda: predicate(self)), timeout)
+
+    async def closed(self) -> int | None:
+        """Wait until the other end closes the connection; return the close code."""
+        await asyncio.wait_for(asyncio.shield(self.reader), TIMEOUT)
+        return self.ws.close_code
+
+
+class AgentSession(Peer):
+    """One connection to the fake Voice Agent API."""
+
+    def audio_in(self) -> list[str]:
+        return [m["audio"] for m in self.of("type", "input.audio")]
+
+    async def react(self, event):
+        if event["type"] == "session.end":  # as the real API does: confirm, then close
+            await self.send({"type": "session.ended", "session_duration_seconds": 1.0})
+            await self.ws.close()
+
+    async def speak(self, reply_id: str, frames: list[str], status: str = "completed"):
+        await self.send({"type": "reply.started", "reply_id": reply_id})
+        for data in frames:
+            await self.send({"type": "reply.audio", "reply_id": reply_id, "data": data})
+        await self.send({"type": "reply.done", "reply_id": reply_id, "status": status})
+
+
+class FakeAgent:
+    """Stands in for the Voice Agent API: a local WebSocket server the tests script by hand."""
+
+    async def start(self):
+        self.sessions: asyncio.Queue[AgentSession] = asyncio.Queue()
+        self.headers = []  # the handshake headers of every connection
+        self.server = await serve(self.handle, "127.0.0.1", 0)
+        self.url = f"ws://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/v1/ws"
+        return self
+
+    async def handle(self, ws):
+        self.headers.append(ws.request.headers)
+        session = AgentSession(ws)
+        await self.sessions.put(session)
+        await session.reader
+
+    async def next_session(self) -> AgentSession:
+        return await asyncio.wait_for(self.sessions.get(), TIMEOUT)
+
+    async def stop(self):
+        self.server.close()
+        await self.server.wait_closed()
+
+
+class TwilioStream(Peer):
+    """Stands in for Twilio's side of one call's Media Stream."""
+
+    @classmethod
+    async def open(cls, port: int, path: str = "/stream", call_sid: str = "CA" + "1" * 32):
+        stream = cls(await connect(f"ws://127.0.0.1:{port}{path}", compression=None))
+        stream.call_sid, stream.stream_sid = call_sid, "MZ" + call_sid[2:]
+        await stream.send({"event": "connected", "protocol": "Call", "version": "1.0.0"})
+        await stream.send({"event": "start", "sequenceNumber": "1", "streamSid": stream.stream_sid,
+                           "start": {"accountSid": "AC" + "0" * 32, "callSid": call_sid,
+                                     "streamSid": stream.stream_sid, "tracks": ["inbound"],
+                                     "mediaFormat": {"encoding": "audio/x-mulaw",
+                                                     "sampleRate": 8000, "channels": 1},
+                                     "customParameters": {}}})
+        return stream
+
+    async def media(self, payload: str):
+        await self.send({"event": "media", "streamSid": self.stream_sid,
+                         "media": {"track": "inbound", "chunk": "1", "timestamp": "0",
+                                   "payload": payload}})
+
+    async def stop(self):
+        await self.send({"event": "stop", "streamSid": self.stream_sid,
+                         "stop": {"accountSid": "AC" + "0" * 32, "callSid": self.call_sid}})
+
+    def events(self) -> list[str]:
+        return [m["event"] for m in self.received]
+
+    def played(self) -> list[str]:
+        return [m["media"]["payload"] for m in self.of("event", "media")]
+
+
+class FakeHTTP:
+    """A local HTTP server with canned JSON answers, standing in for Twilio's REST API and ngrok."""
+
+    def __init__(self, answers: dict[str, tuple[int, dict]]):
+        self.answers = answers  # path -> (status, JSON body)
+        self.requests: list[dict] = []
+
+    async def start(self):
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def handle(self, reader, writer):
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        method, path, _ = head.split("\r\n")[0].split(" ", 2)
+        headers = dict(line.split(": ", 1) for line in head.split("\r\n")[1:] if ": " in line)
+        body = await reader.readexactly(int(headers.get("Content-Length", 0)))
+        self.requests.append({"method": method, "path": path, "headers": headers,
+                              "form": urllib.parse.parse_qs(body.decode())})
+        status, answer = self.answers.get(path, (404, {"status": 404, "message": "not found"}))
+        data = json.dumps(answer).encode()
+        writer.write(f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
+        await writer.drain()
+        writer.close()
+
+    async def stop(self):
+        self.server.close()
+        await self.server.wait_closed()
+
+
+class LogLines(logging.Handler):
+    """Collects the bridge's log lines and lets a test wait for one."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+        self.waiters: list[tuple[str, asyncio.Future]] = []
+
+    def emit(self, record):
+        line = record.getMessage()
+        self.lines.append(line)
+        for pattern, future in self.waiters:
+            if not future.done() and re.search(pattern, line):
+                future.set_result(line)
+
+    async def wait_for(self, pattern: str, timeout: float = TIMEOUT) -> str:
+        for line in self.lines:
+            if re.search(pattern, line):
+                return line
+        future = asyncio.get_running_loop().create_future()
+        self.waiters.append((pattern, future))
+        return await asyncio.wait_for(future, timeout)
+
+
+def http_request(port, method, path, form=None, headers=None, body=None):
+    """One HTTP request as Twilio's webhook client sends it; return status, type and body."""
+    headers = dict(headers or {})
+    if form is not None:
+        body = urllib.parse.urlencode(form)
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    try:
+        connection.request(method, path, body=body, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.getheader("Content-Type"), response.read().decode()
+    finally:
+        connection.close()
+
+
+# --------------------------------------------------------------------------- the tests
+
+
+class BridgeTest(unittest.IsolatedAsyncioTestCase):
+    """A bridge on port 0, talking to a fresh fake agent, with settings known to each test."""
+
+    async def asyncSetUp(self):
+        self.agent = await FakeAgent().start()
+        self.addAsyncCleanup(self.agent.stop)
+        self.settings(VOICE_AGENT_URL=self.agent.url, ASSEMBLYAI_API_KEY="test-key",
+                      PUBLIC_URL="", AGENT_VOICE="")
+        self.log = LogLines()
+        bridge.log.addHandler(self.log)
+        bridge.log.setLevel(logging.INFO)
+        self.addCleanup(bridge.log.removeHandler, self.log)
+        self.server = await bridge.serve_bridge("127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        self.addAsyncCleanup(self.stop_server)
+
+    async def stop_server(self):
+        self.server.close()
+        await self.server.wait_closed()
+
+    def settings(self, **values):
+        patcher = mock.patch.multiple(bridge, **values)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def tool(self, name: str, function):
+        """Offer the agent one more tool, for this test only."""
+        patcher = mock.patch.dict(bridge.TOOLS, {name: {
+            "description": "A test tool.", "parameters": {"type": "object"},
+            "function": function}})
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    async def http(self, method, path, **kwargs):
+        return await asyncio.to_thread(http_request, self.port, method, path, **kwargs)
+
+    async def start_call(self, path="/stream", call_sid="CA" + "1" * 32, tag="greeting"):
+        """Connect a call, make the agent ready, and wait until its greeting has played."""
+        twilio = await TwilioStream.open(self.port, path, call_sid)
+        agent = await self.agent.next_session()
+        await agent.wait_for(lambda a: a.of("type", "session.update"))
+        await agent.send({"type": "session.ready", "session_id": "sess_" + call_sid})
+        greeting = audio(tag, 0, 300)
+        await agent.speak("reply_greeting", [greeting])
+        await twilio.wait_for(lambda t: greeting in t.played())
+        return twilio, agent
+
+    async def round_trip(self, twilio: TwilioStream, agent: AgentSession, tag="sync"):
+        """Send one caller frame and wait until the agent has it: all before it has arrived."""
+        frame = audio(tag, len(agent.audio_in()))
+        await twilio.media(frame)
+        await agent.wait_for(lambda a: frame in a.audio_in())
+
+
+class Webhooks(BridgeTest):
+
+    async def test_form_post_gets_twiml_for_the_host_twilio_called(self):
+        """A form-encoded POST to /twiml gets TwiML streaming to wss://<Host>/stream."""
+        status, content_type, body = await self.http(
+            "POST", "/twiml", headers={"Host": "abc.ngrok.app"},
+            form={"CallSid": "CA" + "2" * 32, "From": "+15550001111", "To": "+15552223333",
+                  "AccountSid": "AC" + "0" * 32, "CallStatus": "ringing", "Direction": "inbound"})
+        self.assertEqual((status, content_type), (200, "text/xml"))
+        self.assertEqual(body, '<?xml version="1.0" encoding="UTF-8"?>\n<Response><Connect>'
+                               '<Stream url="wss://abc.ngrok.app/stream"/></Connect><Hangup/>'
+                               "</Response>")
+        await self.log.wait_for(r"\[CA2{32}\] inbound call from \+15550001111 to \+15552223333")
+
+    async def test_get_gets_the_same_twiml(self):
+        """GET /twiml, with Twilio's fields in the query string, gets the same TwiML."""
+        status, _, body = await self.http("GET", "/twiml?CallSid=CA" + "3" * 32 + "&From=%2B1555",
+                                          headers={"Host": "abc.ngrok.app"})
+        self.assertEqual(status, 200)
+        self.assertIn('<Stream url="wss://abc.ngrok.app/stream"/>', body)
+        await self.log.wait_for(r"\[CA3{32}\] incoming call from \+1555")
+
+    async def test_public_url_wins_over_host(self):
+        """With PUBLIC_URL set, the stream URL is built from it, whatever the Host header says."""
+        self.settings(PUBLIC_URL="https://bridge.example.com")
+        _, _, body = await self.http("POST", "/twiml", form={"CallSid": "CA1"},
+                                     headers={"Host": "internal:8080"})
+        self.assertIn('<Stream url="wss://bridge.example.com/stream"/>', body)
+
+    async def test_outbound_twiml_points_at_the_outbound_stream(self):
+        """POST and GET /outbound-twiml stream to /outbound-stream."""
+        for method in ("POST", "GET"):
+            _, _, body = await self.http(method, "/outbound-twiml", form={"CallSid": "CA1"}
+                                         if method == "POST" else None,
+                                         headers={"Host": "abc.ngrok.app"})
+            self.assertIn('<Stream url="wss://abc.ngrok.app/outbound-stream"/>', body)
+
+    async def test_host_header_cannot_inject_twiml(self):
+        """A hostile Host header is escaped inside the TwiML attribute."""
+        _, _, body = await self.http("GET", "/twiml", headers={"Host": 'x"/><Dial>+1900</Dial>'})
+        self.assertNotIn("<Dial>", body)
+
+    async def test_call_status_is_logged(self):
+        """POST /call-status answers 200 and logs the call's status and duration."""
+        status, _, _ = await self.http("POST", "/call-status", form={
+            "CallSid": "CA" + "4" * 32, "CallStatus": "completed", "CallDuration": "42"})
+        self.assertEqual(status, 200)
+        await self.log.wait_for(r"\[CA4{32}\] call completed after 42 s")
+
+    async def test_health(self):
+        """GET /health answers 200."""
+        self.assertEqual((await self.http("GET", "/health"))[0], 200)
+
+    async def test_unknown_path_is_404_and_wrong_method_405(self):
+        """Unknown paths get 404, webhooks asked with other methods 405."""
+        self.assertEqual((await self.http("GET", "/nope"))[0], 404)
+        self.assertEqual((await self.http("POST", "/nope", form={"a": "b"}))[0], 404)
+        self.assertEqual((await self.http("DELETE", "/twiml"))[0], 405)
+
+    async def test_oversized_body_is_refused(self):
+        """A body over the limit gets 413 before it is read."""
+        status, _, _ = await self.http("POST", "/twiml", body="x" * (bridge.MAX_WEBHOOK_BODY + 1),
+                                       headers={"Content-Type": "application/x-www-form-urlencoded"})
+        self.assertEqual(status, 413)
+
+
+class Calls(BridgeTest):
+
+    async def test_session_update_is_sent_at_once(self):
+        """On Twilio's start, the agent gets exactly this session.update, before anything else."""
+        await TwilioStream.open(self.port, "/stream")
+        agent = await self.agent.next_session()
+        update = await agent.wait_for(lambda a: a.received and a.received[0])
+        self.assertEqual(self.agent.headers[0]["Authorization"], "Bearer test-key")
+        self.assertEqual(update, {"type": "session.update", "session": {
+            "system_prompt": bridge.SYSTEM_PROMPT,
+            "greeting": bridge.GREETINGS["/stream"],
+            "input": {"format": {"encoding": "audio/pcmu"}},
+            "output": {"format": {"encoding": "audio/pcmu"}},
+            "tools": [{
+                "type": "function", "name": "generate_random_number",
+                "description": "Generate a random whole number between min and max, inclusive.",
+                "parameters": {"type": "object", "properties": {
+                    "min": {"type": "integer", "description": "The smallest allowed number."},
+                    "max": {"type": "integer", "description": "The largest allowed number."}},
+                    "required": ["min", "max"]}}]}})
+
+    async def test_outbound_calls_get_their_own_greeting_and_the_voice(self):
+        """An outbound stream gets the outbound greeting; AGENT_VOICE goes in output.voice."""
+        self.settings(AGENT_VOICE="river")
+        await TwilioStream.open(self.port, "/outbound-stream")
+        agent = await self.agent.next_session()
+        update = (await agent.wait_for(lambda a: a.of("type", "session.update")))[0]["session"]
+        self.assertEqual(update["greeting"], bridge.GREETINGS["/outbound-stream"])
+        self.assertEqual(update["output"], {"format": {"encoding": "audio/pcmu"}, "voice": "river"})
+
+    async def test_audio_passes_through_byte_identical_in_order(self):
+        """Caller and agent audio arrive on the other side unchanged, in order."""
+        twilio, agent = await self.start_call()
+        caller = [audio("caller", n) for n in range(50)]
+        for frame in caller:
+            await twilio.media(frame)
+        await agent.wait_for(lambda a: len(a.audio_in()) == 50)
+        self.assertEqual(agent.audio_in(), caller)
+
+        voice = [audio("agent", n, 300) for n in range(50)]
+        await agent.speak("reply_1", voice)
+        await twilio.wait_for(lambda t: len(t.played()) == 51)
+        self.assertEqual(twilio.played()[1:], voice)
+        self.assertEqual({m["streamSid"] for m in twilio.of("event", "media")}, {twilio.stream_sid})
+
+    async def test_audio_before_session_ready_is_dropped(self):
+        """Caller audio sent before session.ready never reaches the agent, not even later."""
+        twilio = await TwilioStream.open(self.port)
+        agent = await self.agent.next_session()
+        await agent.wait_for(lambda a: a.of("type", "session.update"))
+        for n in range(5):
+            await twilio.media(audio("early", n))
+        # The bridge handles Twilio's messages in order: once it has logged the key press,
+        # it has handled the early audio too.
+        await twilio.send({"event": "dtmf", "streamSid": twilio.stream_sid,
+                           "dtmf": {"track": "inbound_track", "digit": "5"}})
+        await self.log.wait_for("caller pressed 5")
+        await agent.send({"type": "session.ready", "session_id": "sess_1"})
+        await agent.speak("reply_greeting", [audio("greeting", 0)])
+        await twilio.wait_for(lambda t: t.played())
+        await self.round_trip(twilio, agent)
+        self.assertEqual(agent.audio_in(), [audio("sync", 0)])
+
+    async def test_caller_speech_clears_twilio_buffer(self):
+        """On input.speech.started, Twilio gets a clear for this stream."""
+        twilio, agent = await self.start_call()
+        await agent.send({"type": "input.speech.started"})
+        message = await twilio.wait_for(lambda t: t.of("event", "clear"))
+        self.assertEqual(message, [{"event": "clear", "streamSid": twilio.stream_sid}])
+
+    async def test_interrupted_reply_is_cleared_and_its_late_audio_dropped(self):
+        """An interrupted reply.done clears Twilio, and that reply's later audio is not played."""
+        twilio, agent = await self.start_call()
+        await agent.speak("reply_1", [audio("r1", 0, 300)], status="interrupted")
+        await twilio.wait_for(lambda t: t.of("event", "clear"))
+        await agent.send({"type": "reply.audio", "reply_id": "reply_1", "data": audio("late", 0)})
+        await agent.speak("reply_2", [audio("r2", 0, 300)])
+        await twilio.wait_for(lambda t: audio("r2", 0, 300) in t.played())
+        self.assertEqual(twilio.played()[1:], [audio("r1", 0, 300), audio("r2", 0, 300)])
+        self.assertEqual(twilio.events()[-3:], ["media", "clear", "media"])
+
+    async def test_either_transcript_is_logged_with_the_call_sid(self):
+        """Caller and agent transcripts and session errors are logged, tagged with the CallSid."""
+        twilio, agent = await self.start_call(call_sid="CA" + "5" * 32)
+        await agent.send({"type": "transcript.user", "text": "What time is it?"})
+        await agent.send({"type": "transcript.agent", "text": "Noon.", "interrupted": False})
+        await agent.send({"type": "session.error", "code": "invalid_value", "message": "voice"})
+        await self.log.wait_for(r"^\[CA5{32}\] caller: What time is it\?$")
+        await self.log.wait_for(r"^\[CA5{32}\] agent: Noon\.$")
+        await self.log.wait_for(r"^\[CA5{32}\] agent error invalid_value: voice \(check AGENT_VOICE")
+
+
+class Tools(BridgeTest):
+
+    async def test_tool_result_waits_for_reply_done(self):
+        """A finished tool's result is held while the agent speaks, and sent on reply.done."""
+        returned = asyncio.Event()
+
+        async def weather(city):
+            returned.set()
+            return {"city": city, "temp_c": 21}
+
+        self.tool("weather", weather)
+        twilio, agent = await self.start_call()
+        await agent.send({"type": "reply.started", "reply_id": "reply_1"})
+        await agent.send({"type": "tool.call", "call_id": "call_1", "name": "weather",
+                          "arguments": {"city": "Paris"}})
+        await asyncio.wait_for(returned.wait(), TIMEOUT)
+        await self.round_trip(twilio, agent)
+        self.assertEqual(agent.of("type", "tool.result"), [])
+        await agent.send({"type": "reply.done", "reply_id": "reply_1", "status": "completed"})
+        results = await agent.wait_for(lambda a: a.of("type", "tool.result"))
+        self.assertEqual(results, [{"type": "tool.result", "call_id": "call_1", "is_error": False,
+                                    "result": '{"city": "Paris", "temp_c": 21}'}])
+
+    async def test_random_number_tool_answers_after_reply_done(self):
+        """The shipped tool runs, and a result finishing after reply.done is sent at once."""
+        twilio, agent = await self.start_call()
+        await agent.send({"type": "reply.started", "reply_id": "reply_1"})
+        await agent.send({"type": "tool.call", "call_id": "call_7", "name":
+                          "generate_random_number", "arguments": {"min": 7, "max": 7}})
+        await agent.send({"type": "reply.done", "reply_id": "reply_1", "status": "completed"})
+        results = await agent.wait_for(lambda a: a.of("type", "tool.result"))
+        self.assertEqual(results, [{"type": "tool.result", "call_id": "call_7", "result": "7",
+                                    "is_error": False}])
+
+    async def test_result_of_an_interrupted_reply_is_discarded(self):
+        """If the reply that called a tool is interrupted, its result is never sent."""
+        release = asyncio.Event()
+
+        async def slow():
+            await release.wait()
+            return "late"
+
+        async def quick():
+            return "early"
+
+        self.tool("slow", slow)
+        self.tool("quick", quick)
+        twilio, agent = await self.start_call()
+        await agent.send({"type": "reply.started", "reply_id": "reply_1"})
+        await agent.send({"type": "tool.call", "call_id": "c1", "name": "quick", "arguments": {}})
+        await agent.send({"type": "tool.call", "call_id": "c2", "name": "slow", "arguments": {}})
+        await self.log.wait_for(r"tool quick\(\{\}\) -> early")
+        await agent.send({"type": "reply.done", "reply_id": "reply_1", "status": "interrupted"})
+        await self.log.wait_for("discarding 1 tool results")
+        release.set()
+        await self.log.wait_for("discarding the result of slow")
+        await self.round_trip(twilio, agent)
+        self.assertEqual(agent.of("type", "tool.result"), [])
+
+    async def test_failing_and_unknown_tools_are_answered_with_is_error(self):
+        """A tool that raises, or one that does not exist, gets a tool.result with is_error."""
+        def broken(**_):
+            raise ValueError("the database is down")
+
+        self.tool("broken", broken)
+        twilio, agent = await self.start_call()
+        await agent.send({"type": "reply.started", "reply_id": "reply_1"})
+        await agent.send({"type": "tool.call", "call_id": "c1", "name": "broken", "arguments": {}})
+        await agent.send({"type": "tool.call", "call_id": "c2", "name": "nope", "arguments": {}})
+        await agent.send({"type": "reply.done", "reply_id": "reply_1"})
+        results = await agent.wait_for(lambda a: len(a.of("type", "tool.result")) == 2
+                                       and a.of("type", "tool.result"))
+        by_id = {r["call_id"]: r for r in results}
+        self.assertEqual(by_id["c1"], {"type": "tool.result", "call_id": "c1", "is_error": True,
+                                       "result": '{"error": "ValueError: the database is down"}'})
+        self.assertTrue(by_id["c2"]["is_error"])
+        self.assertIn("no tool named 'nope'", json.loads(by_id["c2"]["result"])["error"])
+
+    async def test_slow_tool_does_not_stall_audio(self):
+        """While a plain (blocking) tool runs, audio still flows both ways."""
+        release = threading.Event()
+        self.addCleanup(release.set)
+        self.tool("lookup", lambda: release.wait(TIMEOUT) and "found")
+        twilio, agent = await self.start_call()
+        await agent.send({"type": "reply.started", "reply_id": "reply_1"})
+        await agent.send({"type": "tool.call", "call_id": "c1", "name": "lookup", "arguments": {}})
+        await agent.send({"type": "reply.done", "reply_id": "reply_1"})
+        await self.round_trip(twilio, agent)
+        filler = audio("filler", 0, 300)
+        await agent.send({"type": "reply.audio", "reply_id": "reply_2", "data": filler})
+        await twilio.wait_for(lambda t: filler in t.played())
+        self.assertEqual(agent.of("type", "tool.result"), [])
+        release.set()
+        result = await agent.wait_for(lambda a: a.of("type", "tool.result"))
+        self.assertEqual(result[0]["result"], '"found"')
+
+
+class HangUps(BridgeTest):
+
+    async def test_caller_hanging_up_ends_the_agent_session(self):
+        """On Twilio's stop, the agent gets session.end, its socket closes, nothing lingers."""
+        async def forever():
+            await asyncio.Event().wait()
+
+        self.tool("forever", forever)
+        twilio, agent = await self.start_call(call_sid="CA" + "6" * 32)
+        await agent.send({"type": "tool.call", "call_id": "c1", "name": "forever",
+                          "arguments": {}})
+        await agent.send({"type": "reply.audio", "reply_id": "r", "data": audio("after", 0)})
+        await twilio.wait_for(lambda t: len(t.played()) == 2)  # so the tool call is running
+        await twilio.stop()
+        await agent.wait_for(lambda a: a.of("type", "session.end"))
+        self.assertEqual(await agent.closed(), 1000)
+        await self.log.wait_for(r"^\[CA6{32}\] Twilio stopped the stream")
+        await self.log.wait_for(r"^\[CA6{32}\] call ended after [\d.]+ s: 0 frames from the "
+                                r"caller, 2 to the caller, 0 barge-ins, 1 tool calls")
+        self.assertEqual(await twilio.closed(), 1000)
+        leftovers = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ in
+                     ("run_tool", "relay", "media_stream")]
+        self.assertEqual(leftovers, [])
+
+    async def test_twilio_socket_dropping_ends_the_agent_session(self):
+        """If Twilio's socket closes without a stop, the agent session is still ended."""
+        twilio, agent = await self.start_call()
+        await twilio.ws.close()
+        await agent.wait_for(lambda a: a.of("type", "session.end"))
+        self.assertEqual(await agent.closed(), 1000)
+
+    async def test_agent_ending_closes_the_twilio_stream(self):
+        """When the agent's session ends, the bridge closes Twilio's stream (the TwiML hangs up)."""
+        twilio, agent = await self.start_call()
+        await agent.send({"type": "session.ended", "session_duration_seconds": 3.0})
+        await agent.ws.close()
+        self.assertEqual(await twilio.closed(), 1000)
+        await self.log.wait_for("call ended after")
+        self.assertEqual(agent.of("type", "session.end"), [])
+
+    async def test_agent_refusing_the_key_ends_the_call_and_says_why(self):
+        """An unauthorized session.error and a 1008 close end the call with a clear log line."""
+        twilio = await TwilioStream.open(self.port)
+        agent = await self.agent.next_session()
+        await agent.send({"type": "session.error", "code": "unauthorized",
+                          "message": "Invalid API key"})
+        await agent.ws.close(1008, "unauthorized")
+        self.assertEqual(await twilio.closed(), 1000)
+        await self.log.wait_for(r"agent error unauthorized: Invalid API key "
+                                r"\(check ASSEMBLYAI_API_KEY\)")
+        await self.log.wait_for("closed the connection: 1008 unauthorized")
+
+    async def test_unreachable_agent_ends_the_call_and_says_why(self):
+        """If the Voice Agent API cannot be reached, the stream closes and the log says where."""
+        await self.agent.stop()
+        twilio = await TwilioStream.open(self.port)
+        self.assertEqual(await twilio.closed(), 1000)
+        await self.log.wait_for(r"cannot reach the Voice Agent API at ws://127\.0\.0\.1:\d+/v1/ws")
+
+
+class Robustness(BridgeTest):
+
+    async def test_two_simultaneous_calls_never_cross(self):
+        """Two calls at once: each side hears only its own call's audio, in order."""
+        calls = [await self.start_call(call_sid=f"CA{n}" * 16 + "00", tag=f"hello{n}")
+                 for n in (7, 8)]
+        for n in range(30):
+            for i, (twilio, agent) in enumerate(calls):
+                await twilio.media(audio(f"caller{i}", n))
+                await agent.send({"type": "reply.audio", "reply_id": "r",
+                                  "data": audio(f"agent{i}", n, 300)})
+        for i, (twilio, agent) in enumerate(calls):
+            await agent.wait_for(lambda a: len(a.audio_in()) == 30)
+            await twilio.wait_for(lambda t: len(t.played()) == 31)
+            self.assertEqual(agent.audio_in(), [audio(f"caller{i}", n) for n in range(30)])
+            self.assertEqual(twilio.played()[1:], [audio(f"agent{i}", n, 300) for n in range(30)])
+
+    async def test_malformed_messages_are_logged_once_and_the_call_goes_on(self):
+        """Garbage from Twilio or the agent gets one log line; audio keeps flowing."""
+        twilio, agent = await self.start_call(call_sid="CA" + "9" * 32)
+        await twilio.ws.send("not json")
+        await twilio.ws.send(b"\x00\x01")
+        await twilio.send({"event": "media", "media": {}})
+        await twilio.send({"event": "something_new"})
+        await agent.ws.send("[1, 2]")
+        await agent.send({"type": "reply.audio"})
+        await self.round_trip(twilio, agent)
+        voice = audio("after", 0, 300)
+        await agent.send({"type": "reply.audio", "reply_id": "r", "data": voice})
+        await twilio.wait_for(lambda t: voice in t.played())
+        malformed = [line for line in self.log.lines if "malformed" in line]
+        self.assertEqual(len(malformed), 1)
+        await twilio.stop()
+        await self.log.wait_for(r"\[CA9{32}\] call ended .* 5 malformed messages")
+
+
+class OutboundCommand(unittest.IsolatedAsyncioTestCase):
+    """`python bridge.py call +1...` against a local fake of Twilio's Calls endpoint."""
+
+    async def asyncSetUp(self):
+        calls = "/2010-04-01/Accounts/AC" + "0" * 32 + "/Calls.json"
+        self.twilio = await FakeHTTP({calls: (201, {"sid": "CA" + "f" * 32, "status": "queued"})
+                                      }).start()
+        self.addAsyncCleanup(self.twilio.stop)
+        self.env = dict(os.environ, TWILIO_API_URL=self.twilio.url,
+                        TWILIO_ACCOUNT_SID="AC" + "0" * 32, TWILIO_AUTH_TOKEN="secret",
+                        TWILIO_PHONE_NUMBER="+15550009999", PUBLIC_URL="https://abc.ngrok.app",
+                        ASSEMBLYAI_API_KEY="", AGENT_VOICE="", LOG_LEVEL="INFO")
+
+    async def run_bridge(self, *args, **env):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, os.path.join(HERE, "bridge.py"), *args, cwd=HERE,
+            env={**self.env, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = await asyncio.wait_for(process.communicate(), 4 * TIMEOUT)
+        return process.returncode, out.decode(), err.decode()
+
+    async def test_call_is_created_and_its_sid_printed(self):
+        """The command POSTs the call with Basic auth and our URLs, prints the SID, exits 0."""
+        code, out, err = await self.run_bridge("call", "+15551234567")
+        self.assertEqual((code, out, err), (0, "CA" + "f" * 32 + "\n", ""))
+        request, = self.twilio.requests
+        self.assertEqual(request["headers"]["Authorization"],
+                         "Basic " + base64.b64encode(b"AC" + b"0" * 32 + b":secret").decode())
+        self.assertEqual(request["form"], {
+            "To": ["+15551234567"], "From": ["+15550009999"],
+            "Url": ["https://abc.ngrok.app/outbound-twiml"],
+            "StatusCallback": ["https://abc.ngrok.app/call-status"],
+            "StatusCallbackEvent": ["initiated", "ringing", "answered", "completed"]})
+
+    async def test_missing_settings_are_named(self):
+        """Without Twilio credentials: one line naming them, non-zero exit, no traceback."""
+        code, out, err = await self.run_bridge("call", "+15551234567", TWILIO_AUTH_TOKEN="",
+                                               TWILIO_PHONE_NUMBER="")
+        self.assertEqual(code, 1)
+        self.assertEqual(err, "cannot place a call: set TWILIO_AUTH_TOKEN, TWILIO_PHONE_NUMBER "
+                              "(see .env.example)\n")
+
+    async def test_twilio_errors_are_reported_plainly(self):
+        """A Twilio error answer becomes one line with its code and message."""
+        self.twilio.answers.clear()
+        self.twilio.answers["/2010-04-01/Accounts/AC" + "0" * 32 + "/Calls.json"] = (400, {
+            "code": 21211, "message": "Invalid 'To' Phone Number", "status": 400})
+        code, _, err = await self.run_bridge("call", "+1")
+        self.assertEqual((code, err), (1, "Twilio refused the call: 21211 Invalid 'To' Phone "
+                                          "Number\n"))
+
+    async def test_public_url_comes_from_ngrok_when_unset(self):
+        """Without PUBLIC_URL, the https tunnel of the local ngrok agent is used."""
+        ngrok = await FakeHTTP({"/api/tunnels": (200, {"tunnels": [
+            {"proto": "http", "public_url": "http://abc.ngrok.app"},
+            {"proto": "https", "public_url": "https://abc.ngrok.app"}]})}).start()
+        self.addAsyncCleanup(ngrok.stop)
+        with mock.patch.object(bridge, "NGROK_API", ngrok.url + "/api/tunnels"):
+            self.assertEqual(await asyncio.to_thread(bridge.ngrok_url), "https://abc.ngrok.app")
+        with mock.patch.object(bridge, "NGROK_API", self.twilio.url + "/nothing-here"):
+            self.assertEqual(await asyncio.to_thread(bridge.ngrok_url), "")
+
+
+class StartUp(unittest.IsolatedAsyncioTestCase):
+
+    async def test_missing_api_key_is_one_clear_line(self):
+        """Serving without ASSEMBLYAI_API_KEY exits non-zero with one line saying what to do."""
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, os.path.join(HERE, "bridge.py"), cwd=HERE,
+            env=dict(os.environ, ASSEMBLYAI_API_KEY="", PORT="0"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        _, err = await asyncio.wait_for(process.communicate(), 4 * TIMEOUT)
+        self.assertEqual(process.returncode, 1)
+        self.assertEqual(err.decode(), "ASSEMBLYAI_API_KEY is not set: copy .env.example to .env "
+                                       "and fill it in\n")
+
+
+if __name__ == "__main__":
+    unittest.main()
