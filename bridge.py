@@ -57,6 +57,7 @@ MAX_REQUEST_HEAD = 2**14  # bytes of HTTP request line and headers
 MAX_WEBHOOK_BODY = 2**16  # bytes; Twilio's form posts are a few hundred bytes
 HANDSHAKE_TIMEOUT = 10  # seconds for a whole HTTP request (head and body) to arrive
 START_TIMEOUT = 10  # seconds for Twilio's `start` message after the stream opens
+AGENT_OPEN_TIMEOUT = 10  # seconds to open the Voice Agent API WebSocket
 
 log = logging.getLogger("bridge")
 
@@ -188,9 +189,9 @@ class Call:
 
     def summary(self) -> str:
         seconds = time.monotonic() - self.started
-        return (f"call ended after {seconds:.1f} s: {self.frames_in} frames from the caller, "
-                f"{self.frames_out} to the caller, {self.barge_ins} barge-ins, "
-                f"{self.tool_calls} tool calls, {self.malformed} malformed messages")
+        return (f"call ended after {seconds:.1f} s: audio frames {self.frames_in} in, "
+                f"{self.frames_out} out; barge-ins {self.barge_ins}; tool calls "
+                f"{self.tool_calls}; malformed messages {self.malformed}")
 
 
 def parse_event(call: Call, message: str | bytes, sender: str) -> dict | None:
@@ -325,7 +326,8 @@ async def run_tool(call: Call, call_id: str, name: str, arguments: dict, reply_i
         call.log.info("discarding the result of %s: the caller interrupted", name)
         return
     call.results.append(message)
-    await send_tool_results(call)
+    with suppress(ConnectionClosed):  # the call ended while the tool ran
+        await send_tool_results(call)
 
 
 async def send_tool_results(call: Call) -> None:
@@ -368,26 +370,27 @@ async def relay(call: Call, source, handlers: dict, key: str, sender: str) -> No
                 if await handler(call, event):
                     return
             except (KeyError, TypeError, AttributeError) as exc:
-                note_malformed(call, sender, f"{event.get(key)} without {exc!r}")
+                note_malformed(call, sender, f"{event[key]}: {type(exc).__name__} {exc}")
 
 
 async def relay_both_ways(call: Call) -> None:
     """Relay until either side ends the call, then end the other side too."""
     from_caller = asyncio.create_task(relay(call, call.twilio, TWILIO_EVENTS, "event", "Twilio"))
     from_agent = asyncio.create_task(relay(call, call.agent, AGENT_EVENTS, "type", "the agent"))
+    both = {from_caller, from_agent}
     try:
-        done, _ = await asyncio.wait({from_caller, from_agent},
-                                     return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for task in (from_caller, from_agent):
+        for task in both:
             task.cancel()
-            with suppress(asyncio.CancelledError):
-                await task  # re-raises a bug in a handler, so it is logged, not lost
+        await asyncio.wait(both)
+    for task in done:
+        task.result()  # a bug in a handler surfaces here, so websockets logs it
     if from_caller in done:
         # End the agent session now: without session.end it lingers, billed, for 30 s.
         with suppress(ConnectionClosed):
             await call.agent.send(json.dumps({"type": "session.end"}))
-    elif call.agent.close_code not in (None, 1000):
+    if call.agent.close_code not in (None, 1000):
         call.log.warning("the Voice Agent API closed the connection: %s %s",
                          call.agent.close_code, call.agent.close_reason)
 
@@ -413,11 +416,11 @@ async def wait_for_start(twilio: ServerConnection) -> Call | None:
 async def connect_agent(call: Call) -> ClientConnection | None:
     """Open the Voice Agent API WebSocket for one call; log plainly why if it cannot be done."""
     try:
-        return await connect(VOICE_AGENT_URL, compression=None, open_timeout=10,
+        return await connect(VOICE_AGENT_URL, compression=None, open_timeout=AGENT_OPEN_TIMEOUT,
                              additional_headers={"Authorization": f"Bearer {ASSEMBLYAI_API_KEY}"})
     except InvalidStatus as exc:
         status = exc.response.status_code
-        hint = " (check ASSEMBLYAI_API_KEY)" if status in (401, 403) else ""
+        hint = f" ({ERROR_HINTS['unauthorized']})" if status in (401, 403) else ""
         call.log.error("the Voice Agent API refused the connection: HTTP %d%s", status, hint)
     except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
         call.log.error("cannot reach the Voice Agent API at %s: %s (check VOICE_AGENT_URL "
@@ -534,6 +537,7 @@ def call_status(connection: ServerConnection, request: Request, form: dict) -> R
 
 
 def health(connection: ServerConnection, request: Request, form: dict) -> Response:
+    """Tell a load balancer or uptime check that the server is up."""
     return connection.respond(200, "OK\n")
 
 
@@ -633,7 +637,7 @@ def main(argv: list[str]) -> None:
     if not isinstance(level, int):
         raise SystemExit(f"LOG_LEVEL={LOG_LEVEL} is not a level: use DEBUG, INFO or WARNING")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("websockets").setLevel(max(level, logging.WARNING))
+    logging.getLogger("websockets").setLevel(logging.WARNING)  # its INFO lines repeat ours
     if len(argv) == 2 and argv[0] == "call":
         print(place_call(argv[1]))
         return

@@ -22,7 +22,7 @@ from unittest import mock
 
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import bridge
 
@@ -336,6 +336,12 @@ class Webhooks(BridgeTest):
         self.assertEqual((await self.http("POST", "/nope", form={"a": "b"}))[0], 404)
         self.assertEqual((await self.http("DELETE", "/twiml"))[0], 405)
 
+    async def test_websocket_on_an_unknown_path_is_404(self):
+        """Only /stream and /outbound-stream accept a WebSocket."""
+        with self.assertRaises(InvalidStatus) as refused:
+            await connect(f"ws://127.0.0.1:{self.port}/other")
+        self.assertEqual(refused.exception.response.status_code, 404)
+
     async def test_oversized_body_is_refused(self):
         """A body over the limit gets 413 before it is read."""
         status, _, _ = await self.http("POST", "/twiml", body="x" * (bridge.MAX_WEBHOOK_BODY + 1),
@@ -423,6 +429,8 @@ class Calls(BridgeTest):
         await twilio.wait_for(lambda t: audio("r2", 0, 300) in t.played())
         self.assertEqual(twilio.played()[1:], [audio("r1", 0, 300), audio("r2", 0, 300)])
         self.assertEqual(twilio.events()[-3:], ["media", "clear", "media"])
+        await twilio.stop()
+        await self.log.wait_for(r"call ended .* audio frames 0 in, 3 out; barge-ins 1;")
 
     async def test_either_transcript_is_logged_with_the_call_sid(self):
         """Caller and agent transcripts and session errors are logged, tagged with the CallSid."""
@@ -549,8 +557,8 @@ class HangUps(BridgeTest):
         await agent.wait_for(lambda a: a.of("type", "session.end"))
         self.assertEqual(await agent.closed(), 1000)
         await self.log.wait_for(r"^\[CA6{32}\] Twilio stopped the stream")
-        await self.log.wait_for(r"^\[CA6{32}\] call ended after [\d.]+ s: 0 frames from the "
-                                r"caller, 2 to the caller, 0 barge-ins, 1 tool calls")
+        await self.log.wait_for(r"^\[CA6{32}\] call ended after [\d.]+ s: audio frames 0 in, "
+                                r"2 out; barge-ins 0; tool calls 1; malformed messages 0$")
         self.assertEqual(await twilio.closed(), 1000)
         leftovers = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ in
                      ("run_tool", "relay", "media_stream")]
@@ -625,7 +633,7 @@ class Robustness(BridgeTest):
         malformed = [line for line in self.log.lines if "malformed" in line]
         self.assertEqual(len(malformed), 1)
         await twilio.stop()
-        await self.log.wait_for(r"\[CA9{32}\] call ended .* 5 malformed messages")
+        await self.log.wait_for(r"\[CA9{32}\] call ended .*; malformed messages 5$")
 
 
 class OutboundCommand(unittest.IsolatedAsyncioTestCase):
