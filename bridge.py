@@ -469,24 +469,25 @@ class WebhookConnection(ServerConnection):
         if self.pending is None:
             return super().data_received(data)
         self.pending += data
-        head_end = self.pending.find(b"\r\n\r\n") + 4
-        if head_end == 3:  # the head is not complete yet
+        head_end = self.pending.find(b"\r\n\r\n")
+        if head_end < 0:  # the head is not complete yet
             if len(self.pending) > MAX_REQUEST_HEAD:
                 self.refuse("431 Request Header Fields Too Large")
             return
-        head = bytes(self.pending[:head_end])
+        head, rest = bytes(self.pending[:head_end + 4]), self.pending[head_end + 4:]
         if re.search(rb"\r\ntransfer-encoding:", head, re.IGNORECASE):
             return self.refuse("411 Length Required")
-        length = re.search(rb"\r\ncontent-length:[ \t]*(\d+)[ \t]*\r\n", head, re.IGNORECASE)
-        length = int(length[1]) if length else 0
+        match = re.search(rb"\r\ncontent-length:[ \t]*(\d+)[ \t]*\r\n", head, re.IGNORECASE)
+        length = int(match[1]) if match else 0
         if length > MAX_WEBHOOK_BODY:
             return self.refuse("413 Content Too Large")
-        if len(self.pending) < head_end + length:
+        if len(rest) < length:
             return  # wait for the rest of the body; HANDSHAKE_TIMEOUT bounds the wait
-        body = self.pending[head_end:head_end + length].decode("utf-8", "replace")
-        self.form = urllib.parse.parse_qsl(body, keep_blank_values=True)
+        self.form = urllib.parse.parse_qsl(rest[:length].decode("utf-8", "replace"),
+                                           keep_blank_values=True)
         self.pending = None
-        super().data_received(re.sub(rb"(?i)\r\ncontent-length:[^\r\n]*", b"", head))
+        head = re.sub(rb"(?i)\r\ncontent-length:[^\r\n]*", b"", head)
+        super().data_received(head + rest[length:])
 
     def refuse(self, status: str) -> None:
         self.pending = bytearray()

@@ -342,6 +342,27 @@ class Webhooks(BridgeTest):
             await connect(f"ws://127.0.0.1:{self.port}/other")
         self.assertEqual(refused.exception.response.status_code, 404)
 
+    async def test_form_body_arriving_in_pieces_is_read_whole(self):
+        """A POST whose body trails its head (or comes byte by byte) still gets its TwiML."""
+        body = b"CallSid=CA" + b"b" * 32 + b"&From=%2B15550001111&Direction=inbound"
+        head = (b"POST /twiml HTTP/1.1\r\nHost: abc.ngrok.app\r\nContent-Type: "
+                b"application/x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n" % len(body))
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        for piece in [head, *(body[i:i + 1] for i in range(len(body)))]:
+            writer.write(piece)
+            await writer.drain()
+        response = await asyncio.wait_for(reader.read(), TIMEOUT)
+        writer.close()
+        self.assertTrue(response.startswith(b"HTTP/1.1 200 OK\r\n"))
+        self.assertIn(b'<Stream url="wss://abc.ngrok.app/stream"/>', response)
+        await self.log.wait_for(r"\[CAb{32}\] inbound call from \+15550001111")
+
+    async def test_chunked_body_is_refused_with_411(self):
+        """Twilio sends a Content-Length; a chunked body gets 411 instead of a silent close."""
+        status, _, _ = await self.http("POST", "/twiml", body=iter([b"CallSid=CA1"]),
+                                       headers={"Transfer-Encoding": "chunked"})
+        self.assertEqual(status, 411)
+
     async def test_oversized_body_is_refused(self):
         """A body over the limit gets 413 before it is read."""
         status, _, _ = await self.http("POST", "/twiml", body="x" * (bridge.MAX_WEBHOOK_BODY + 1),
