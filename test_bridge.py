@@ -223,6 +223,18 @@ def http_request(port, method, path, form=None, headers=None, body=None):
 # --------------------------------------------------------------------------- the tests
 
 
+class Messages(unittest.TestCase):
+    """The pure functions that build each side's messages."""
+
+    def test_audio_messages_carry_the_payload_unchanged_and_stay_valid_json(self):
+        """Audio messages are built by hand for speed, but any payload still round-trips."""
+        for payload in (audio("x", 1), "", 'a"b\\c\u2028</Stream>'):
+            self.assertEqual(json.loads(bridge.agent_audio(payload)),
+                             {"type": "input.audio", "audio": payload})
+            self.assertEqual(json.loads(bridge.twilio_media("MZ1", payload)),
+                             {"event": "media", "streamSid": "MZ1", "media": {"payload": payload}})
+
+
 class BridgeTest(unittest.IsolatedAsyncioTestCase):
     """A bridge on port 0, talking to a fresh fake agent, with settings known to each test."""
 
