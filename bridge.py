@@ -13,6 +13,7 @@ Settings come from the environment or a .env file: see .env.example and README.m
 
 import asyncio
 import base64
+import errno
 import inspect
 import json
 import logging
@@ -623,7 +624,8 @@ async def serve_calls(port: int) -> None:
     try:
         server = await serve_bridge(None, port)
     except OSError as exc:
-        raise SystemExit(f"cannot listen on port {port}: {exc.strerror} (set PORT to a free port)")
+        reason = "another program uses it" if exc.errno == errno.EADDRINUSE else exc.strerror
+        raise SystemExit(f"cannot listen on port {port}: {reason} (set PORT to a free port)")
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, server.close)

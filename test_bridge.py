@@ -732,17 +732,34 @@ class OutboundCommand(unittest.IsolatedAsyncioTestCase):
 
 
 class StartUp(unittest.IsolatedAsyncioTestCase):
+    """Start-up problems are one plain line and a non-zero exit, never a traceback."""
 
-    async def test_missing_api_key_is_one_clear_line(self):
-        """Serving without ASSEMBLYAI_API_KEY exits non-zero with one line saying what to do."""
+    async def serve(self, **env) -> tuple[int, str]:
         process = await asyncio.create_subprocess_exec(
             sys.executable, os.path.join(HERE, "bridge.py"), cwd=HERE,
-            env=dict(os.environ, ASSEMBLYAI_API_KEY="", PORT="0"),
+            env=dict(os.environ, LOG_LEVEL="INFO", **env),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         _, err = await asyncio.wait_for(process.communicate(), 4 * TIMEOUT)
-        self.assertEqual(process.returncode, 1)
-        self.assertEqual(err.decode(), "ASSEMBLYAI_API_KEY is not set: copy .env.example to .env "
-                                       "and fill it in\n")
+        return process.returncode, err.decode()
+
+    async def test_missing_api_key(self):
+        """Serving without ASSEMBLYAI_API_KEY says what to do."""
+        self.assertEqual(await self.serve(ASSEMBLYAI_API_KEY="", PORT="8080"), (
+            1, "ASSEMBLYAI_API_KEY is not set: copy .env.example to .env and fill it in\n"))
+
+    async def test_bad_port(self):
+        """A PORT that is not a port number is named."""
+        self.assertEqual(await self.serve(ASSEMBLYAI_API_KEY="k", PORT="eighty"),
+                         (1, "PORT=eighty is not a port number (1-65535)\n"))
+
+    async def test_port_in_use(self):
+        """A port another program holds is named, with what to do."""
+        holder = await asyncio.start_server(lambda r, w: None, None, 0)
+        self.addAsyncCleanup(holder.wait_closed)
+        self.addCleanup(holder.close)
+        port = holder.sockets[0].getsockname()[1]
+        self.assertEqual(await self.serve(ASSEMBLYAI_API_KEY="k", PORT=str(port)), (
+            1, f"cannot listen on port {port}: another program uses it (set PORT to a free port)\n"))
 
 
 if __name__ == "__main__":
