@@ -586,6 +586,17 @@ def ngrok_url() -> str:
         return ""
 
 
+def twilio_error(error: urllib.error.HTTPError) -> str:
+    """Twilio's own words for a refused request: its error code and message."""
+    try:
+        body = json.load(error)
+        words = " ".join(str(body[key]) for key in ("code", "message") if body.get(key))
+    except (ValueError, AttributeError):
+        words = ""
+    hint = " (check TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN)" if error.code == 401 else ""
+    return (words or f"HTTP {error.code}") + hint
+
+
 def place_call(to: str) -> str:
     """Have Twilio call `to` and connect the answered call to the agent; return its Call SID."""
     needed = {"TWILIO_ACCOUNT_SID": TWILIO_ACCOUNT_SID, "TWILIO_AUTH_TOKEN": TWILIO_AUTH_TOKEN,
@@ -608,10 +619,7 @@ def place_call(to: str) -> str:
         with urllib.request.urlopen(request, timeout=15) as response:
             return json.load(response)["sid"]
     except urllib.error.HTTPError as exc:
-        with suppress(ValueError):
-            error = json.load(exc)
-            raise SystemExit(f"Twilio refused the call: {error.get('code')} {error.get('message')}")
-        raise SystemExit(f"Twilio refused the call: HTTP {exc.code}")
+        raise SystemExit(f"Twilio refused the call: {twilio_error(exc)}")
     except (OSError, ValueError, KeyError) as exc:
         raise SystemExit(f"cannot reach Twilio at {TWILIO_API_URL}: {exc}")
 

@@ -719,6 +719,22 @@ class OutboundCommand(unittest.IsolatedAsyncioTestCase):
         self.assertEqual((code, err), (1, "Twilio refused the call: 21211 Invalid 'To' Phone "
                                           "Number\n"))
 
+    async def test_bad_credentials_are_named(self):
+        """A 401 from Twilio names the two settings to check."""
+        self.twilio.answers.clear()
+        self.twilio.answers["/2010-04-01/Accounts/AC" + "0" * 32 + "/Calls.json"] = (401, {
+            "code": 20003, "message": "Authenticate", "status": 401})
+        code, _, err = await self.run_bridge("call", "+15551234567")
+        self.assertEqual((code, err), (1, "Twilio refused the call: 20003 Authenticate (check "
+                                          "TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN)\n"))
+
+    async def test_unreachable_twilio_is_one_line(self):
+        """If Twilio's API cannot be reached, one line says where it tried."""
+        await self.twilio.stop()
+        code, _, err = await self.run_bridge("call", "+15551234567")
+        self.assertEqual(code, 1)
+        self.assertRegex(err, r"^cannot reach Twilio at http://127\.0\.0\.1:\d+: .*\n$")
+
     async def test_public_url_comes_from_ngrok_when_unset(self):
         """Without PUBLIC_URL, the https tunnel of the local ngrok agent is used."""
         ngrok = await FakeHTTP({"/api/tunnels": (200, {"tunnels": [
