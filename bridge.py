@@ -606,7 +606,7 @@ def place_call(to: str) -> str:
         raise SystemExit(f"cannot place a call: set {', '.join(missing)} (see .env.example)")
     base = PUBLIC_URL or ngrok_url()
     if not base:
-        raise SystemExit("cannot place a call: set PUBLIC_URL, or start ngrok (ngrok http 8080)")
+        raise SystemExit(f"cannot place a call: set PUBLIC_URL, or start ngrok (ngrok http {PORT})")
     form = [("To", to), ("From", TWILIO_PHONE_NUMBER), ("Url", f"{base}/outbound-twiml"),
             ("StatusCallback", f"{base}/call-status")]
     form += [("StatusCallbackEvent", e) for e in ("initiated", "ringing", "answered", "completed")]
@@ -644,6 +644,7 @@ async def serve_calls(port: int) -> None:
 
 
 def main(argv: list[str]) -> None:
+    """Check the settings, then serve calls, or place one."""
     level = logging.getLevelName(LOG_LEVEL.upper())
     if not isinstance(level, int):
         raise SystemExit(f"LOG_LEVEL={LOG_LEVEL} is not a level: use DEBUG, INFO or WARNING")
