@@ -736,15 +736,25 @@ class OutboundCommand(unittest.IsolatedAsyncioTestCase):
         self.assertRegex(err, r"^cannot reach Twilio at http://127\.0\.0\.1:\d+: .*\n$")
 
     async def test_public_url_comes_from_ngrok_when_unset(self):
-        """Without PUBLIC_URL, the https tunnel of the local ngrok agent is used."""
+        """Without PUBLIC_URL, the local ngrok agent's https tunnel is used; no tunnel, one line."""
         ngrok = await FakeHTTP({"/api/tunnels": (200, {"tunnels": [
             {"proto": "http", "public_url": "http://abc.ngrok.app"},
             {"proto": "https", "public_url": "https://abc.ngrok.app"}]})}).start()
         self.addAsyncCleanup(ngrok.stop)
-        with mock.patch.object(bridge, "NGROK_API", ngrok.url + "/api/tunnels"):
-            self.assertEqual(await asyncio.to_thread(bridge.ngrok_url), "https://abc.ngrok.app")
-        with mock.patch.object(bridge, "NGROK_API", self.twilio.url + "/nothing-here"):
-            self.assertEqual(await asyncio.to_thread(bridge.ngrok_url), "")
+        settings = mock.patch.multiple(
+            bridge, PUBLIC_URL="", NGROK_API=ngrok.url + "/api/tunnels", PORT="8080",
+            TWILIO_API_URL=self.twilio.url, TWILIO_ACCOUNT_SID="AC" + "0" * 32,
+            TWILIO_AUTH_TOKEN="secret", TWILIO_PHONE_NUMBER="+15550009999")
+        with settings:
+            sid = await asyncio.to_thread(bridge.place_call, "+15551234567")
+            self.assertEqual(sid, "CA" + "f" * 32)
+            self.assertEqual(self.twilio.requests[0]["form"]["Url"],
+                             ["https://abc.ngrok.app/outbound-twiml"])
+            bridge.NGROK_API = self.twilio.url + "/no-tunnels-here"
+            with self.assertRaises(SystemExit) as failed:
+                await asyncio.to_thread(bridge.place_call, "+15551234567")
+        self.assertEqual(str(failed.exception), "cannot place a call: set PUBLIC_URL, or start "
+                                                "ngrok (ngrok http 8080)")
 
 
 class StartUp(unittest.IsolatedAsyncioTestCase):
