@@ -376,9 +376,11 @@ async def relay(call: Call, source, handlers: dict, key: str, sender: str) -> No
 
 async def relay_both_ways(call: Call) -> None:
     """Relay until either side ends the call, then end the other side too."""
-    from_caller = asyncio.create_task(relay(call, call.twilio, TWILIO_EVENTS, "event", "Twilio"))
-    from_agent = asyncio.create_task(relay(call, call.agent, AGENT_EVENTS, "type", "the agent"))
-    both = {from_caller, from_agent}
+    caller_to_agent = asyncio.create_task(
+        relay(call, call.twilio, TWILIO_EVENTS, "event", "Twilio"))
+    agent_to_caller = asyncio.create_task(
+        relay(call, call.agent, AGENT_EVENTS, "type", "the agent"))
+    both = {caller_to_agent, agent_to_caller}
     try:
         done, _ = await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -387,7 +389,7 @@ async def relay_both_ways(call: Call) -> None:
         await asyncio.wait(both)
     for task in done:
         task.result()  # a bug in a handler surfaces here, so websockets logs it
-    if from_caller in done:
+    if caller_to_agent in done:
         # End the agent session now: without session.end it lingers, billed, for 30 s.
         with suppress(ConnectionClosed):
             await call.agent.send(json.dumps({"type": "session.end"}))
@@ -606,7 +608,8 @@ def place_call(to: str) -> str:
         raise SystemExit(f"cannot place a call: set {', '.join(missing)} (see .env.example)")
     base = PUBLIC_URL or ngrok_url()
     if not base:
-        raise SystemExit(f"cannot place a call: set PUBLIC_URL, or start ngrok (ngrok http {PORT})")
+        raise SystemExit("cannot place a call: set PUBLIC_URL, or start ngrok "
+                         f"(ngrok http {PORT})")
     form = [("To", to), ("From", TWILIO_PHONE_NUMBER), ("Url", f"{base}/outbound-twiml"),
             ("StatusCallback", f"{base}/call-status")]
     form += [("StatusCallbackEvent", e) for e in ("initiated", "ringing", "answered", "completed")]
@@ -619,9 +622,9 @@ def place_call(to: str) -> str:
         with urllib.request.urlopen(request, timeout=15) as response:
             return json.load(response)["sid"]
     except urllib.error.HTTPError as exc:
-        raise SystemExit(f"Twilio refused the call: {twilio_error(exc)}")
+        raise SystemExit(f"Twilio refused the call: {twilio_error(exc)}") from None
     except (OSError, ValueError, KeyError) as exc:
-        raise SystemExit(f"cannot reach Twilio at {TWILIO_API_URL}: {exc}")
+        raise SystemExit(f"cannot reach Twilio at {TWILIO_API_URL}: {exc}") from None
 
 
 # --------------------------------------------------------------------------- main
@@ -633,7 +636,8 @@ async def serve_calls(port: int) -> None:
         server = await serve_bridge(None, port)
     except OSError as exc:
         reason = "another program uses it" if exc.errno == errno.EADDRINUSE else exc.strerror
-        raise SystemExit(f"cannot listen on port {port}: {reason} (set PORT to a free port)")
+        message = f"cannot listen on port {port}: {reason} (set PORT to a free port)"
+        raise SystemExit(message) from None
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, server.close)

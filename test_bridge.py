@@ -377,8 +377,9 @@ class Webhooks(BridgeTest):
 
     async def test_oversized_body_is_refused(self):
         """A body over the limit gets 413 before it is read."""
-        status, _, _ = await self.http("POST", "/twiml", body="x" * (bridge.MAX_WEBHOOK_BODY + 1),
-                                       headers={"Content-Type": "application/x-www-form-urlencoded"})
+        too_big = "x" * (bridge.MAX_WEBHOOK_BODY + 1)
+        status, _, _ = await self.http("POST", "/twiml", body=too_big, headers={
+            "Content-Type": "application/x-www-form-urlencoded"})
         self.assertEqual(status, 413)
 
 
@@ -473,7 +474,8 @@ class Calls(BridgeTest):
         await agent.send({"type": "session.error", "code": "invalid_value", "message": "voice"})
         await self.log.wait_for(r"^\[CA5{32}\] caller: What time is it\?$")
         await self.log.wait_for(r"^\[CA5{32}\] agent: Noon\.$")
-        await self.log.wait_for(r"^\[CA5{32}\] agent error invalid_value: voice \(check AGENT_VOICE")
+        await self.log.wait_for(r"^\[CA5{32}\] agent error invalid_value: voice "
+                                r"\(check AGENT_VOICE")
 
 
 class Tools(BridgeTest):
@@ -785,7 +787,8 @@ class StartUp(unittest.IsolatedAsyncioTestCase):
         self.addCleanup(holder.close)
         port = holder.sockets[0].getsockname()[1]
         self.assertEqual(await self.serve(ASSEMBLYAI_API_KEY="k", PORT=str(port)), (
-            1, f"cannot listen on port {port}: another program uses it (set PORT to a free port)\n"))
+            1, f"cannot listen on port {port}: another program uses it "
+               "(set PORT to a free port)\n"))
 
 
 if __name__ == "__main__":
