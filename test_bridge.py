@@ -674,10 +674,11 @@ class Robustness(BridgeTest):
 class OutboundCommand(unittest.IsolatedAsyncioTestCase):
     """`python bridge.py call +1...` against a local fake of Twilio's Calls endpoint."""
 
+    CALLS = "/2010-04-01/Accounts/AC" + "0" * 32 + "/Calls.json"  # Twilio's Calls endpoint
+
     async def asyncSetUp(self):
-        calls = "/2010-04-01/Accounts/AC" + "0" * 32 + "/Calls.json"
-        self.twilio = await FakeHTTP({calls: (201, {"sid": "CA" + "f" * 32, "status": "queued"})
-                                      }).start()
+        self.twilio = await FakeHTTP({self.CALLS: (201, {"sid": "CA" + "f" * 32,
+                                                         "status": "queued"})}).start()
         self.addAsyncCleanup(self.twilio.stop)
         self.env = dict(os.environ, TWILIO_API_URL=self.twilio.url,
                         TWILIO_ACCOUNT_SID="AC" + "0" * 32, TWILIO_AUTH_TOKEN="secret",
@@ -714,8 +715,7 @@ class OutboundCommand(unittest.IsolatedAsyncioTestCase):
 
     async def test_twilio_errors_are_reported_plainly(self):
         """A Twilio error answer becomes one line with its code and message."""
-        self.twilio.answers.clear()
-        self.twilio.answers["/2010-04-01/Accounts/AC" + "0" * 32 + "/Calls.json"] = (400, {
+        self.twilio.answers[self.CALLS] = (400, {
             "code": 21211, "message": "Invalid 'To' Phone Number", "status": 400})
         code, _, err = await self.run_bridge("call", "+1")
         self.assertEqual((code, err), (1, "Twilio refused the call: 21211 Invalid 'To' Phone "
@@ -723,8 +723,7 @@ class OutboundCommand(unittest.IsolatedAsyncioTestCase):
 
     async def test_bad_credentials_are_named(self):
         """A 401 from Twilio names the two settings to check."""
-        self.twilio.answers.clear()
-        self.twilio.answers["/2010-04-01/Accounts/AC" + "0" * 32 + "/Calls.json"] = (401, {
+        self.twilio.answers[self.CALLS] = (401, {
             "code": 20003, "message": "Authenticate", "status": 401})
         code, _, err = await self.run_bridge("call", "+15551234567")
         self.assertEqual((code, err), (1, "Twilio refused the call: 20003 Authenticate (check "
