@@ -320,10 +320,10 @@ class Webhooks(BridgeTest):
 
     async def test_outbound_twiml_points_at_the_outbound_stream(self):
         """POST and GET /outbound-twiml stream to /outbound-stream."""
-        for method in ("POST", "GET"):
-            _, _, body = await self.http(method, "/outbound-twiml", form={"CallSid": "CA1"}
-                                         if method == "POST" else None,
-                                         headers={"Host": "abc.ngrok.app"})
+        host = {"Host": "abc.ngrok.app"}
+        posted = await self.http("POST", "/outbound-twiml", form={"CallSid": "CA1"}, headers=host)
+        fetched = await self.http("GET", "/outbound-twiml?CallSid=CA1", headers=host)
+        for _, _, body in (posted, fetched):
             self.assertIn('<Stream url="wss://abc.ngrok.app/outbound-stream"/>', body)
 
     async def test_host_header_cannot_inject_twiml(self):
