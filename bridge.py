@@ -29,7 +29,7 @@ import urllib.request
 from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import partial
-from xml.sax.saxutils import quoteattr
+from xml.sax.saxutils import escape, quoteattr
 
 from dotenv import load_dotenv
 from websockets.asyncio.client import ClientConnection, connect
@@ -46,8 +46,9 @@ VOICE_AGENT_URL = os.environ.get("VOICE_AGENT_URL") or "wss://agents.assemblyai.
 PORT = os.environ.get("PORT") or "8080"  # the one port for webhooks and Media Streams
 PUBLIC_URL = os.environ.get("PUBLIC_URL", "").rstrip("/")  # https://abc.ngrok.app; unset: Host
 AGENT_VOICE = os.environ.get("AGENT_VOICE", "")  # lowercase voice name; unset: server default
-TWILIO_ACCOUNT_SID = os.environ.get("TWILIO_ACCOUNT_SID", "")  # outbound calls only
-TWILIO_AUTH_TOKEN = os.environ.get("TWILIO_AUTH_TOKEN", "")  # outbound calls only
+TRANSFER_NUMBER = os.environ.get("TRANSFER_NUMBER", "")  # +15551234567: agent may transfer
+TWILIO_ACCOUNT_SID = os.environ.get("TWILIO_ACCOUNT_SID", "")  # for Twilio's REST API: outbound
+TWILIO_AUTH_TOKEN = os.environ.get("TWILIO_AUTH_TOKEN", "")  # calls, transfers, apologies
 TWILIO_PHONE_NUMBER = os.environ.get("TWILIO_PHONE_NUMBER", "")  # caller ID for outbound calls
 TWILIO_API_URL = os.environ.get("TWILIO_API_URL") or "https://api.twilio.com"
 LOG_LEVEL = os.environ.get("LOG_LEVEL") or "INFO"
@@ -58,7 +59,12 @@ MAX_REQUEST_HEAD = 2**14  # bytes of HTTP request line and headers
 MAX_WEBHOOK_BODY = 2**16  # bytes; Twilio's form posts are a few hundred bytes
 HANDSHAKE_TIMEOUT = 10  # seconds for a whole HTTP request (head and body) to arrive
 START_TIMEOUT = 10  # seconds for Twilio's `start` message after the stream opens
-AGENT_OPEN_TIMEOUT = 10  # seconds to open the Voice Agent API WebSocket
+AGENT_OPEN_TIMEOUT = 5  # seconds to open the Voice Agent API WebSocket, each try
+FIRST_TRIES = (0, 0.5)  # seconds to wait before each try to open a call's agent session
+RETRY_DELAYS = (0, 0.5, 1, 2, 4)  # seconds before each try to get a dropped session back
+REPLY_WAIT = 5  # seconds for the agent to start its last words after end_call or transfer_call
+MARK_TIMEOUT = 10  # seconds for Twilio to say the last words have played before acting anyway
+TWILIO_API_TIMEOUT = 10  # seconds for one request to Twilio's REST API
 
 log = logging.getLogger("bridge")
 
@@ -67,7 +73,10 @@ log = logging.getLogger("bridge")
 SYSTEM_PROMPT = """\
 You are a friendly, concise voice assistant answering a phone call. Speak naturally, in short
 sentences: the caller hears you and cannot see text, so never use lists, markdown or emoji.
-If the caller asks for a random number, use the generate_random_number tool."""
+If the caller asks for a random number, use the generate_random_number tool.
+When the caller wants to end the call, use end_call, then say a short goodbye.
+If the caller asks for a person and you have the transfer_call tool, use it, then tell them
+you are putting them through."""
 
 # Inbound and outbound calls share every line of code; they differ only in this data: the
 # Media Stream path their TwiML points at, and what the agent says first.
@@ -76,15 +85,29 @@ GREETINGS = {
     "/outbound-stream": "Hi, this is your AI assistant calling. Do you have a minute?",
 }
 
+# What Twilio says, in its own voice, if the Voice Agent API fails during a call.
+APOLOGY = "Sorry, our assistant is not available right now. Please call again later. Goodbye."
+
 
 def generate_random_number(min: int, max: int) -> int:
     """Pick a random whole number between min and max, inclusive."""
     return random.randint(min, max)
 
 
+async def end_call() -> str:
+    """Agree to hang up; the bridge does it once the agent's goodbye has played."""
+    return "The call ends after your next sentence: say a short goodbye now."
+
+
+async def transfer_call() -> str:
+    """Agree to transfer; the bridge dials TRANSFER_NUMBER once the hand-off has played."""
+    return "The caller is transferred after your next sentence: say you are putting them through."
+
+
 # Tools the agent may call: name -> what the model reads, and the function that runs. The
 # function gets the model's arguments as keywords, may be plain or async, and returns anything
 # JSON can encode; an exception it raises is reported to the agent as a failed tool call.
+# "then" names what the bridge does once the agent's reply to the result has played.
 TOOLS = {
     "generate_random_number": {
         "description": "Generate a random whole number between min and max, inclusive.",
@@ -98,13 +121,33 @@ TOOLS = {
         },
         "function": generate_random_number,
     },
+    "end_call": {
+        "description": "Hang up the phone call, when the caller says goodbye or is done. "
+                       "After it answers, say a short goodbye: the call ends once it is heard.",
+        "parameters": {"type": "object", "properties": {}},
+        "function": end_call,
+        "then": "hang up",
+    },
+    "transfer_call": {  # offered only when TRANSFER_NUMBER and Twilio credentials are set
+        "description": "Transfer the caller to a person, when they ask for one. After it "
+                       "answers, tell them you are putting them through.",
+        "parameters": {"type": "object", "properties": {}},
+        "function": transfer_call,
+        "then": "transfer",
+    },
 }
 
 # A session.error code that usually means a setting is wrong, and what to check.
 ERROR_HINTS = {
     "unauthorized": "check ASSEMBLYAI_API_KEY",
+    "forbidden": "check ASSEMBLYAI_API_KEY",
     "invalid_value": "check AGENT_VOICE: voice names are lowercase",
 }
+
+# session.error codes after which a closed session is worth opening again: a passing
+# overload, or a resume the server no longer knows (then a new session starts).
+RETRYABLE_ERRORS = {"at_capacity", "concurrency_exceeded", "internal_error", "server_error",
+                    "session_not_found", "session_forbidden"}
 
 # --------------------------------------------------------------------------- the two protocols
 # Small pure functions that build each message one side sends to the other. The two audio
@@ -112,7 +155,14 @@ ERROR_HINTS = {
 # the payload (escaped by json.dumps) instead of encoding a whole dict: five times faster.
 
 
-def session_update(greeting: str) -> dict:
+def offered_tools() -> dict:
+    """The tools the agent may use: transfer_call only if there is somewhere to transfer to."""
+    can_transfer = bool(TRANSFER_NUMBER and TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN)
+    return {name: tool for name, tool in TOOLS.items()
+            if name != "transfer_call" or can_transfer}
+
+
+def session_update(greeting: str | None) -> dict:
     """The first message to the agent: prompt, greeting, tools, and mu-law audio both ways."""
     output = {"format": {"encoding": "audio/pcmu"}}
     if AGENT_VOICE:
@@ -120,15 +170,22 @@ def session_update(greeting: str) -> dict:
     tools = [
         {"type": "function", "name": name, "description": tool["description"],
          "parameters": tool["parameters"]}
-        for name, tool in TOOLS.items()
+        for name, tool in offered_tools().items()
     ]
-    return {"type": "session.update", "session": {
+    session = {
         "system_prompt": SYSTEM_PROMPT,
-        "greeting": greeting,
         "input": {"format": {"encoding": "audio/pcmu"}},
         "output": output,
         "tools": tools,
-    }}
+    }
+    if greeting:  # a session replacing a lost one does not greet the caller again
+        session["greeting"] = greeting
+    return {"type": "session.update", "session": session}
+
+
+def session_resume(session_id: str) -> dict:
+    """The first message on a new connection that picks up a dropped session where it was."""
+    return {"type": "session.resume", "session_id": session_id}
 
 
 def agent_audio(payload: str) -> str:
@@ -147,11 +204,68 @@ def twilio_clear(stream_sid: str) -> str:
     return json.dumps({"event": "clear", "streamSid": stream_sid})
 
 
+def twilio_mark(stream_sid: str, name: str) -> str:
+    """A Twilio mark message: Twilio echoes it once all audio sent before it has played."""
+    return json.dumps({"event": "mark", "streamSid": stream_sid, "mark": {"name": name}})
+
+
 def tool_result(call_id: str, result: object, is_error: bool = False) -> str:
     """A tool.result message; the protocol wants `result` as a JSON string."""
     return json.dumps({"type": "tool.result", "call_id": call_id,
                        "result": json.dumps(result), "is_error": is_error})
 
+
+def twiml(verbs: str) -> str:
+    """A TwiML document: Twilio's instructions for a call."""
+    return f'<?xml version="1.0" encoding="UTF-8"?>\n<Response>{verbs}</Response>'
+
+
+def connect_twiml(stream_url: str) -> str:
+    """Connect the call to our Media Stream; hang up when the stream ends."""
+    return twiml(f"<Connect><Stream url={quoteattr(stream_url)}/></Connect><Hangup/>")
+
+
+def dial_twiml(number: str) -> str:
+    """Connect the caller to another phone number."""
+    return twiml(f"<Dial>{escape(number)}</Dial>")
+
+
+def say_twiml(words: str) -> str:
+    """Say something in Twilio's voice, then hang up."""
+    return twiml(f"<Say>{escape(words)}</Say><Hangup/>")
+
+# --------------------------------------------------------------------------- Twilio's REST API
+
+
+def twilio_credentials() -> bool:
+    """Whether the bridge may use Twilio's REST API: to transfer, apologize, place calls."""
+    return bool(TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN)
+
+
+def twilio_api(path: str, form: list[tuple[str, str]]) -> dict:
+    """POST a form to one of our account's resources on Twilio's REST API; return its JSON.
+
+    Raises urllib.error.HTTPError if Twilio refuses, OSError or ValueError if it cannot be
+    reached or answers nonsense.
+    """
+    credentials = base64.b64encode(f"{TWILIO_ACCOUNT_SID}:{TWILIO_AUTH_TOKEN}".encode()).decode()
+    request = urllib.request.Request(
+        f"{TWILIO_API_URL}/2010-04-01/Accounts/{TWILIO_ACCOUNT_SID}/{path}",
+        data=urllib.parse.urlencode(form).encode(),
+        headers={"Authorization": f"Basic {credentials}"})
+    with urllib.request.urlopen(request, timeout=TWILIO_API_TIMEOUT) as response:
+        return json.load(response)
+
+
+def twilio_error(error: urllib.error.HTTPError) -> str:
+    """Twilio's own words for a refused request: its error code and message."""
+    try:
+        body = json.load(error)
+        words = " ".join(str(body[key]) for key in ("code", "message") if body.get(key))
+    except (ValueError, AttributeError):
+        words = ""
+    hint = " (check TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN)" if error.code == 401 else ""
+    return (words or f"HTTP {error.code}") + hint
 
 # --------------------------------------------------------------------------- one call
 
@@ -170,20 +284,28 @@ class Call:
     sid: str  # Twilio's CallSid: tags every log line
     stream_sid: str  # addresses every message we send Twilio
     twilio: ServerConnection
+    greeting: str | None  # what the agent says first; None once a session has been ready
     agent: ClientConnection | None = None
-    ready: bool = False  # session.ready arrived: the caller's audio flows from now on
+    session_id: str = ""  # the agent session, kept to resume it if its socket drops
+    ready: bool = False  # the agent session is ready: the caller's audio flows to it
+    error: str = ""  # the latest session.error code on the current agent connection
+    session_over: bool = False  # session.ended arrived: the agent ended the session
     reply_id: str = ""  # the agent reply now being spoken
     replies: int = 0  # replies started so far, to name any the server leaves unnamed
     interrupted: set[str] = field(default_factory=set)  # replies whose late audio we drop
     last_event: str = ""  # latest of reply.started, input.speech.started, reply.done
-    results: list[str] = field(default_factory=list)  # tool.result messages waiting to go
-    tool_tasks: set[asyncio.Task] = field(default_factory=set)  # tools still running
+    results: list[tuple[str, str | None]] = field(default_factory=list)  # tool.result
+    #   messages waiting to go, each with its tool's "then" (see TOOLS)
+    last_words: asyncio.Queue | None = None  # turn events, while the last words play
+    over: asyncio.Event = field(default_factory=asyncio.Event)  # set to end the call
+    tasks: set[asyncio.Task] = field(default_factory=set)  # tools and waits still running
     started: float = field(default_factory=time.monotonic)
     frames_in: int = 0  # caller audio frames sent to the agent
     frames_out: int = 0  # agent audio frames sent to the caller
     barge_ins: int = 0  # agent replies the caller interrupted
     tool_calls: int = 0
     malformed: int = 0  # messages from either side we could not use
+    reconnects: int = 0  # times the agent session came back after its socket dropped
 
     def __post_init__(self):
         self.log = CallLog(log, {"call_sid": self.sid})
@@ -192,7 +314,15 @@ class Call:
         seconds = time.monotonic() - self.started
         return (f"call ended after {seconds:.1f} s: audio frames {self.frames_in} in, "
                 f"{self.frames_out} out; barge-ins {self.barge_ins}; tool calls "
-                f"{self.tool_calls}; malformed messages {self.malformed}")
+                f"{self.tool_calls}; malformed messages {self.malformed}; agent reconnects "
+                f"{self.reconnects}")
+
+
+def start(call: Call, coroutine) -> None:
+    """Run coroutine alongside the relay, in its own task; it is cancelled if the call ends."""
+    task = asyncio.create_task(coroutine)
+    call.tasks.add(task)
+    task.add_done_callback(call.tasks.discard)
 
 
 def parse_event(call: Call, message: str | bytes, sender: str) -> dict | None:
@@ -213,6 +343,12 @@ def note_malformed(call: Call, sender: str, what: str) -> None:
                          sender, what)
 
 
+def note_turn(call: Call, turn: str) -> None:
+    """Tell after_last_words, if it is waiting, what just happened in the conversation."""
+    if call.last_words is not None:
+        call.last_words.put_nowait(turn)
+
+
 # --- Twilio -> agent. Each handler returns True when its side has ended the call.
 
 
@@ -227,26 +363,34 @@ async def on_dtmf(call: Call, event: dict) -> None:
     call.log.info("caller pressed %s", event["dtmf"]["digit"])
 
 
+async def on_mark(call: Call, event: dict) -> None:
+    # Twilio has played all the audio sent before this mark, or dropped it on a clear.
+    note_turn(call, "mark:" + event["mark"]["name"])
+
+
 async def on_stop(call: Call, event: dict) -> bool:
     call.log.info("Twilio stopped the stream: the caller hung up")
     return True
 
 
-TWILIO_EVENTS = {"media": on_media, "dtmf": on_dtmf, "stop": on_stop}
+TWILIO_EVENTS = {"media": on_media, "dtmf": on_dtmf, "mark": on_mark, "stop": on_stop}
 
 
 # --- agent -> Twilio
 
 
 async def on_session_ready(call: Call, event: dict) -> None:
-    call.ready = True
-    call.log.info("agent session %s ready", event.get("session_id"))
+    resumed = bool(call.session_id) and event.get("session_id") == call.session_id
+    call.session_id = event.get("session_id") or ""
+    call.ready, call.greeting = True, None
+    call.log.info("agent session %s %s", call.session_id, "resumed" if resumed else "ready")
 
 
 async def on_reply_started(call: Call, event: dict) -> None:
     call.last_event = "reply.started"
     call.replies += 1
     call.reply_id = event.get("reply_id") or f"reply-{call.replies}"
+    note_turn(call, "reply.started")
 
 
 async def on_reply_audio(call: Call, event: dict) -> None:
@@ -260,7 +404,7 @@ async def on_speech_started(call: Call, event: dict) -> None:
     # The caller started talking: stop the agent's voice at once rather than let Twilio play
     # out what it has buffered. If this was only an "uh-huh", the reply's next audio follows.
     call.last_event = "input.speech.started"
-    await call.twilio.send(twilio_clear(call.stream_sid))
+    await clear(call)
 
 
 async def on_reply_done(call: Call, event: dict) -> None:
@@ -268,11 +412,18 @@ async def on_reply_done(call: Call, event: dict) -> None:
     if event.get("status") == "interrupted":
         call.barge_ins += 1
         call.interrupted.add(event.get("reply_id") or call.reply_id)
-        await call.twilio.send(twilio_clear(call.stream_sid))
+        await clear(call)
         if call.results:
             call.log.info("discarding %d tool results: the caller interrupted", len(call.results))
             call.results.clear()
+    note_turn(call, "reply.done")
     await send_tool_results(call)
+
+
+async def clear(call: Call) -> None:
+    """Drop the agent audio Twilio has not played yet; marks sent before it come back unplayed."""
+    note_turn(call, "clear")
+    await call.twilio.send(twilio_clear(call.stream_sid))
 
 
 async def on_transcript_user(call: Call, event: dict) -> None:
@@ -285,12 +436,17 @@ async def on_transcript_agent(call: Call, event: dict) -> None:
 
 
 async def on_session_error(call: Call, event: dict) -> None:
-    code = event.get("code", "unknown")
-    hint = f" ({ERROR_HINTS[code]})" if code in ERROR_HINTS else ""
-    call.log.warning("agent error %s: %s%s", code, event.get("message", ""), hint)
+    # Whether the session goes on is the server's call: a fatal error closes the socket, and
+    # agent_to_caller decides what to do then.
+    call.error = str(event.get("code") or "unknown").lower()
+    hint = f" ({ERROR_HINTS[call.error]})" if call.error in ERROR_HINTS else ""
+    call.log.warning("agent error %s: %s%s", call.error, event.get("message", ""), hint)
+    if call.error in ("session_not_found", "session_forbidden"):
+        call.session_id = ""  # it cannot be resumed: the next connection starts a new one
 
 
 async def on_session_ended(call: Call, event: dict) -> bool:
+    call.session_over = True
     call.log.info("agent session ended")
     return True
 
@@ -301,15 +457,13 @@ async def on_session_ended(call: Call, event: dict) -> bool:
 async def on_tool_call(call: Call, event: dict) -> None:
     # Run the tool in its own task so that audio keeps flowing both ways while it works.
     call.tool_calls += 1
-    task = asyncio.create_task(run_tool(call, event["call_id"], event.get("name"),
-                                        event.get("arguments") or {}, call.reply_id))
-    call.tool_tasks.add(task)
-    task.add_done_callback(call.tool_tasks.discard)
+    start(call, run_tool(call, event["call_id"], event.get("name"),
+                         event.get("arguments") or {}, call.reply_id))
 
 
 async def run_tool(call: Call, call_id: str, name: str, arguments: dict, reply_id: str) -> None:
     """Run one tool and queue exactly one tool.result for it, unless its reply was cut off."""
-    tool = TOOLS.get(name)
+    tool, then = offered_tools().get(name), None
     try:
         if tool is None:
             raise LookupError(f"there is no tool named {name!r}")
@@ -318,7 +472,7 @@ async def run_tool(call: Call, call_id: str, name: str, arguments: dict, reply_i
             value = await function(**arguments)
         else:  # a plain function runs in a thread so that it cannot stall the audio
             value = await asyncio.to_thread(function, **arguments)
-        message = tool_result(call_id, value)
+        message, then = tool_result(call_id, value), tool.get("then")
         call.log.info("tool %s(%s) -> %s", name, arguments, value)
     except Exception as exc:  # the tool's own bug or bad arguments: tell the agent, go on
         message = tool_result(call_id, {"error": f"{type(exc).__name__}: {exc}"}, is_error=True)
@@ -326,8 +480,8 @@ async def run_tool(call: Call, call_id: str, name: str, arguments: dict, reply_i
     if reply_id in call.interrupted:
         call.log.info("discarding the result of %s: the caller interrupted", name)
         return
-    call.results.append(message)
-    with suppress(ConnectionClosed):  # the call ended while the tool ran
+    call.results.append((message, then))
+    with suppress(ConnectionClosed):  # the agent's socket dropped while the tool ran
         await send_tool_results(call)
 
 
@@ -338,7 +492,11 @@ async def send_tool_results(call: Call) -> None:
     filler phrase; not after reply.started or input.speech.started, when a new turn has begun.
     """
     while call.results and call.last_event == "reply.done":
-        await call.agent.send(call.results.pop(0))
+        message, then = call.results.pop(0)
+        await call.agent.send(message)
+        if then and call.last_words is None:
+            call.last_words = asyncio.Queue()  # from now on, turn events are noted for it
+            start(call, after_last_words(call, CALL_ACTIONS[then]))
 
 
 AGENT_EVENTS = {
@@ -356,12 +514,91 @@ AGENT_EVENTS = {
 }
 
 
+# --- hanging up and transferring, once the agent's last words have been heard
+
+
+class CallGoesOn(Exception):
+    """The caller spoke over the agent's last words: the hang-up or transfer is off."""
+
+
+async def after_last_words(call: Call, action) -> None:
+    """Run action (hang up, transfer) once the agent's reply to the tool result has played.
+
+    Twilio echoes a mark once all the audio sent before it has played, to the last syllable;
+    but a clear (the caller spoke) discards that audio and echoes the mark all the same, so a
+    clear at any point calls the action off, and the conversation goes on.
+    """
+    mark = f"last-words-{call.tool_calls}"
+    try:
+        with suppress(TimeoutError):  # no reply after all: what was already sent is the last
+            await next_turn(call, "reply.started", REPLY_WAIT)
+            await next_turn(call, "reply.done", None)
+        await call.twilio.send(twilio_mark(call.stream_sid, mark))
+        await next_turn(call, "mark:" + mark, MARK_TIMEOUT)
+    except CallGoesOn:
+        call.log.info("the caller spoke over the agent's last words: the call goes on")
+        return
+    except TimeoutError:
+        call.log.warning("Twilio did not confirm the last words played within %d s: going "
+                         "ahead", MARK_TIMEOUT)
+    finally:
+        call.last_words = None
+    await action(call)
+
+
+async def next_turn(call: Call, wanted: str, timeout: float | None) -> None:
+    """Wait until the turn event `wanted` happens; raise CallGoesOn on a clear."""
+    async with asyncio.timeout(timeout):
+        while (turn := await call.last_words.get()) != wanted:
+            if turn == "clear":
+                raise CallGoesOn
+
+
+async def hang_up(call: Call) -> None:
+    """End the call: the agent session ends, the stream closes, and the TwiML hangs up."""
+    call.log.info("the agent hung up")
+    call.over.set()
+
+
+async def transfer(call: Call) -> None:
+    """Connect the caller to TRANSFER_NUMBER, and end the agent session."""
+    call.log.info("transferring the caller to %s", TRANSFER_NUMBER)
+    if await redirect(call, dial_twiml(TRANSFER_NUMBER)):
+        call.over.set()
+    else:
+        call.log.error("the transfer failed: the caller stays with the agent")
+
+
+CALL_ACTIONS = {"hang up": hang_up, "transfer": transfer}  # what a tool's "then" names
+
+
+async def redirect(call: Call, document: str) -> bool:
+    """Give the live call new TwiML through Twilio's REST API; this ends its Media Stream."""
+    try:
+        await asyncio.to_thread(twilio_api, f"Calls/{call.sid}.json", [("Twiml", document)])
+        return True
+    except urllib.error.HTTPError as exc:
+        call.log.error("Twilio refused to update the call: %s", twilio_error(exc))
+    except (OSError, ValueError) as exc:
+        call.log.error("cannot reach Twilio at %s: %s", TWILIO_API_URL, exc)
+    return False
+
+
+async def apologize(call: Call) -> None:
+    """The Voice Agent API failed: have Twilio apologize in its own voice before hanging up."""
+    if not twilio_credentials():
+        call.log.warning("hanging up without a spoken apology: set TWILIO_ACCOUNT_SID and "
+                         "TWILIO_AUTH_TOKEN so that callers hear one")
+    elif await redirect(call, say_twiml(APOLOGY)):
+        call.log.info("the caller hears an apology, then the call ends")
+
+
 # --- the call itself
 
 
 async def relay(call: Call, source, handlers: dict, key: str, sender: str) -> None:
     """Hand every event from one side to its handler, until that side ends the call."""
-    with suppress(ConnectionClosed):  # either socket closing ends the call; so does `stop`
+    with suppress(ConnectionClosed):  # the source's socket closing ends this relay
         async for message in source:
             event = parse_event(call, message, sender)
             handler = handlers.get(event.get(key)) if event else None
@@ -370,32 +607,47 @@ async def relay(call: Call, source, handlers: dict, key: str, sender: str) -> No
             try:
                 if await handler(call, event):
                     return
+            except ConnectionClosed:
+                pass  # the other side's socket closed: its own relay deals with that
             except (KeyError, TypeError, AttributeError) as exc:
                 note_malformed(call, sender, f"{event[key]}: {type(exc).__name__} {exc}")
 
 
-async def relay_both_ways(call: Call) -> None:
-    """Relay until either side ends the call, then end the other side too."""
-    caller_to_agent = asyncio.create_task(
-        relay(call, call.twilio, TWILIO_EVENTS, "event", "Twilio"))
-    agent_to_caller = asyncio.create_task(
-        relay(call, call.agent, AGENT_EVENTS, "type", "the agent"))
-    both = {caller_to_agent, agent_to_caller}
+async def caller_to_agent(call: Call) -> None:
+    """Relay the caller's side until Twilio stops the stream or its socket closes."""
+    await relay(call, call.twilio, TWILIO_EVENTS, "event", "Twilio")
+
+
+async def agent_to_caller(call: Call) -> None:
+    """Relay the agent's side; if its socket drops, get the session back or apologize."""
+    tries = 0  # connections in a row that closed before their session was ready
+    while True:
+        await relay(call, call.agent, AGENT_EVENTS, "type", "the agent")
+        if call.session_over:
+            return  # the agent ended the session: the call hangs up
+        tries = 0 if call.ready else tries + 1
+        call.ready = False  # the caller's audio is dropped, not queued, until a session is back
+        code, reason = call.agent.close_code, call.agent.close_reason
+        call.log.warning("the Voice Agent API closed the connection: %s %s", code, reason)
+        refused = code == 1008 and call.error not in RETRYABLE_ERRORS  # the key, the voice...
+        if refused or not await open_session(call, RETRY_DELAYS[tries:]):
+            await apologize(call)
+            return
+        call.reconnects += 1
+
+
+async def converse(call: Call) -> None:
+    """Relay both ways until the call ends, however it ends; leave nothing running."""
+    tasks = {asyncio.create_task(caller_to_agent(call)), asyncio.create_task(agent_to_caller(call)),
+             asyncio.create_task(call.over.wait())}
     try:
-        done, _ = await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for task in both:
+        for task in tasks:
             task.cancel()
-        await asyncio.wait(both)
+        await asyncio.wait(tasks)
     for task in done:
         task.result()  # a bug in a handler surfaces here, so websockets logs it
-    if caller_to_agent in done:
-        # End the agent session now: without session.end it lingers, billed, for 30 s.
-        with suppress(ConnectionClosed):
-            await call.agent.send(json.dumps({"type": "session.end"}))
-    if call.agent.close_code not in (None, 1000):
-        call.log.warning("the Voice Agent API closed the connection: %s %s",
-                         call.agent.close_code, call.agent.close_reason)
 
 
 async def wait_for_start(twilio: ServerConnection) -> Call | None:
@@ -407,8 +659,9 @@ async def wait_for_start(twilio: ServerConnection) -> Call | None:
                     event = json.loads(message)
                     if event["event"] == "start":
                         start = event["start"]
+                        path = urllib.parse.urlsplit(twilio.request.path).path
                         return Call(sid=start["callSid"], stream_sid=start["streamSid"],
-                                    twilio=twilio)
+                                    twilio=twilio, greeting=GREETINGS[path])
     except TimeoutError:
         log.warning("a Media Stream sent no start message in %d s: closing it", START_TIMEOUT)
     except ConnectionClosed:
@@ -416,19 +669,51 @@ async def wait_for_start(twilio: ServerConnection) -> Call | None:
     return None
 
 
-async def connect_agent(call: Call) -> ClientConnection | None:
-    """Open the Voice Agent API WebSocket for one call; log plainly why if it cannot be done."""
-    try:
-        return await connect(VOICE_AGENT_URL, compression=None, open_timeout=AGENT_OPEN_TIMEOUT,
-                             additional_headers={"Authorization": f"Bearer {ASSEMBLYAI_API_KEY}"})
-    except InvalidStatus as exc:
+def connect_error(exc: Exception) -> str:
+    """Say plainly why the Voice Agent API could not be reached, and what to check."""
+    if isinstance(exc, InvalidStatus):
         status = exc.response.status_code
         hint = f" ({ERROR_HINTS['unauthorized']})" if status in (401, 403) else ""
-        call.log.error("the Voice Agent API refused the connection: HTTP %d%s", status, hint)
-    except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
-        call.log.error("cannot reach the Voice Agent API at %s: %s (check VOICE_AGENT_URL "
-                       "and your network)", VOICE_AGENT_URL, exc or type(exc).__name__)
-    return None
+        return f"the Voice Agent API refused the connection: HTTP {status}{hint}"
+    return (f"cannot reach the Voice Agent API at {VOICE_AGENT_URL}: "
+            f"{exc or type(exc).__name__} (check VOICE_AGENT_URL and your network)")
+
+
+async def open_session(call: Call, delays: tuple) -> bool:
+    """Connect to the Voice Agent API and start the call's session, or resume it.
+
+    Try once after each delay; a refused key is not tried again. Log why if it never opens.
+    """
+    why = "its sessions kept closing before they were ready"
+    for delay in delays:
+        await asyncio.sleep(delay)
+        try:
+            agent = await connect(
+                VOICE_AGENT_URL, compression=None, open_timeout=AGENT_OPEN_TIMEOUT,
+                additional_headers={"Authorization": f"Bearer {ASSEMBLYAI_API_KEY}"})
+        except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
+            why = connect_error(exc)
+            if isinstance(exc, InvalidStatus) and exc.response.status_code in (401, 403):
+                break
+            continue
+        call.agent, call.error = agent, ""
+        first = (session_resume(call.session_id) if call.session_id
+                 else session_update(call.greeting))
+        with suppress(ConnectionClosed):  # if it closes at once, agent_to_caller says why
+            await agent.send(json.dumps(first))
+        return True
+    call.log.error("%s", why)
+    return False
+
+
+async def end_session(call: Call) -> None:
+    """End the agent session, unless the agent did: without session.end it lingers, billed."""
+    if call.agent is None:
+        return
+    if not call.session_over:
+        with suppress(ConnectionClosed):
+            await call.agent.send(json.dumps({"type": "session.end"}))
+    await call.agent.close()
 
 
 async def media_stream(twilio: ServerConnection) -> None:
@@ -436,18 +721,16 @@ async def media_stream(twilio: ServerConnection) -> None:
     call = await wait_for_start(twilio)
     if call is None:
         return
-    path = urllib.parse.urlsplit(twilio.request.path).path
-    call.log.info("call connected on %s", path)
-    call.agent = await connect_agent(call)
-    if call.agent is None:
-        return  # returning closes the Twilio stream, and the call's TwiML hangs up
+    call.log.info("call connected on %s", twilio.request.path)
     try:
-        await call.agent.send(json.dumps(session_update(GREETINGS[path])))
-        await relay_both_ways(call)
-    finally:
-        for task in call.tool_tasks:
+        if await open_session(call, FIRST_TRIES):
+            await converse(call)
+        else:
+            await apologize(call)
+    finally:  # returning closes the Twilio stream, and the TwiML hangs up (if nothing else)
+        for task in call.tasks:
             task.cancel()
-        await call.agent.close()
+        await end_session(call)
         call.log.info(call.summary())
 
 
@@ -513,13 +796,6 @@ def public_base_url(request: Request) -> str | None:
         return PUBLIC_URL
     host = request.headers.get("Host")
     return f"https://{host}" if host else None
-
-
-def connect_twiml(stream_url: str) -> str:
-    """TwiML that connects the call to a Media Stream, and hangs up when the stream ends."""
-    return ('<?xml version="1.0" encoding="UTF-8"?>\n'
-            f"<Response><Connect><Stream url={quoteattr(stream_url)}/></Connect>"
-            "<Hangup/></Response>")
 
 
 def answer_call(connection: ServerConnection, request: Request, form: dict, *, stream: str):
@@ -588,17 +864,6 @@ def ngrok_url() -> str:
         return ""
 
 
-def twilio_error(error: urllib.error.HTTPError) -> str:
-    """Twilio's own words for a refused request: its error code and message."""
-    try:
-        body = json.load(error)
-        words = " ".join(str(body[key]) for key in ("code", "message") if body.get(key))
-    except (ValueError, AttributeError):
-        words = ""
-    hint = " (check TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN)" if error.code == 401 else ""
-    return (words or f"HTTP {error.code}") + hint
-
-
 def place_call(to: str) -> str:
     """Have Twilio call `to` and connect the answered call to the agent; return its Call SID."""
     needed = {"TWILIO_ACCOUNT_SID": TWILIO_ACCOUNT_SID, "TWILIO_AUTH_TOKEN": TWILIO_AUTH_TOKEN,
@@ -613,14 +878,8 @@ def place_call(to: str) -> str:
     form = [("To", to), ("From", TWILIO_PHONE_NUMBER), ("Url", f"{base}/outbound-twiml"),
             ("StatusCallback", f"{base}/call-status")]
     form += [("StatusCallbackEvent", e) for e in ("initiated", "ringing", "answered", "completed")]
-    credentials = base64.b64encode(f"{TWILIO_ACCOUNT_SID}:{TWILIO_AUTH_TOKEN}".encode()).decode()
-    request = urllib.request.Request(
-        f"{TWILIO_API_URL}/2010-04-01/Accounts/{TWILIO_ACCOUNT_SID}/Calls.json",
-        data=urllib.parse.urlencode(form).encode(),
-        headers={"Authorization": f"Basic {credentials}"})
     try:
-        with urllib.request.urlopen(request, timeout=15) as response:
-            return json.load(response)["sid"]
+        return twilio_api("Calls.json", form)["sid"]
     except urllib.error.HTTPError as exc:
         raise SystemExit(f"Twilio refused the call: {twilio_error(exc)}") from None
     except (OSError, ValueError, KeyError) as exc:
@@ -628,6 +887,16 @@ def place_call(to: str) -> str:
 
 
 # --------------------------------------------------------------------------- main
+
+
+def log_what_is_off() -> None:
+    """Say at start-up which features the settings leave off, and how to turn them on."""
+    if not twilio_credentials():
+        log.warning("TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN are not set: if the Voice Agent "
+                    "API fails, callers are hung up without a spoken apology, and the agent "
+                    "cannot transfer calls")
+    elif not TRANSFER_NUMBER:
+        log.info("TRANSFER_NUMBER is not set: the agent cannot transfer calls to a person")
 
 
 async def serve_calls(port: int) -> None:
@@ -644,6 +913,7 @@ async def serve_calls(port: int) -> None:
     where = PUBLIC_URL or "https://<your ngrok host>"
     log.info("listening on port %d; set your Twilio number's voice webhook to %s/twiml",
              port, where)
+    log_what_is_off()
     await server.wait_closed()
 
 

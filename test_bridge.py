@@ -99,13 +99,18 @@ class FakeAgent:
 
     async def start(self):
         self.sessions: asyncio.Queue[AgentSession] = asyncio.Queue()
-        self.headers = []  # the handshake headers of every connection
-        self.server = await serve(self.handle, "127.0.0.1", 0)
+        self.headers = []  # the handshake headers of every connection attempt
+        self.refuse = 0  # an HTTP status to refuse connections with; 0 accepts them
+        self.server = await serve(self.handle, "127.0.0.1", 0,
+                                  process_request=self.handshake)
         self.url = f"ws://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/v1/ws"
         return self
 
+    def handshake(self, connection, request):
+        self.headers.append(request.headers)
+        return connection.respond(self.refuse, "refused\n") if self.refuse else None
+
     async def handle(self, ws):
-        self.headers.append(ws.request.headers)
         session = AgentSession(ws)
         await self.sessions.put(session)
         await session.reader
@@ -139,6 +144,10 @@ class TwilioStream(Peer):
                          "media": {"track": "inbound", "chunk": "1", "timestamp": "0",
                                    "payload": payload}})
 
+    async def echo_mark(self, name: str):
+        await self.send({"event": "mark", "sequenceNumber": "9", "streamSid": self.stream_sid,
+                         "mark": {"name": name}})
+
     async def stop(self):
         await self.send({"event": "stop", "streamSid": self.stream_sid,
                          "stop": {"accountSid": "AC" + "0" * 32, "callSid": self.call_sid}})
@@ -156,6 +165,7 @@ class FakeHTTP:
     def __init__(self, answers: dict[str, tuple[int, dict]]):
         self.answers = answers  # path -> (status, JSON body)
         self.requests: list[dict] = []
+        self.arrivals: asyncio.Queue[dict] = asyncio.Queue()
 
     async def start(self):
         self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
@@ -167,14 +177,19 @@ class FakeHTTP:
         method, path, _ = head.split("\r\n")[0].split(" ", 2)
         headers = dict(line.split(": ", 1) for line in head.split("\r\n")[1:] if ": " in line)
         body = await reader.readexactly(int(headers.get("Content-Length", 0)))
-        self.requests.append({"method": method, "path": path, "headers": headers,
-                              "form": urllib.parse.parse_qs(body.decode())})
+        request = {"method": method, "path": path, "headers": headers,
+                   "form": urllib.parse.parse_qs(body.decode())}
+        self.requests.append(request)
+        self.arrivals.put_nowait(request)
         status, answer = self.answers.get(path, (404, {"status": 404, "message": "not found"}))
         data = json.dumps(answer).encode()
         writer.write(f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
                      f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
         await writer.drain()
         writer.close()
+
+    async def next_request(self) -> dict:
+        return await asyncio.wait_for(self.arrivals.get(), TIMEOUT)
 
     async def stop(self):
         self.server.close()
@@ -242,7 +257,8 @@ class BridgeTest(unittest.IsolatedAsyncioTestCase):
         self.agent = await FakeAgent().start()
         self.addAsyncCleanup(self.agent.stop)
         self.settings(VOICE_AGENT_URL=self.agent.url, ASSEMBLYAI_API_KEY="test-key",
-                      PUBLIC_URL="", AGENT_VOICE="")
+                      PUBLIC_URL="", AGENT_VOICE="", TRANSFER_NUMBER="", TWILIO_ACCOUNT_SID="",
+                      TWILIO_AUTH_TOKEN="", TWILIO_API_URL="http://127.0.0.1:9")
         self.log = LogLines()
         bridge.log.addHandler(self.log)
         bridge.log.setLevel(logging.INFO)
@@ -391,18 +407,20 @@ class Calls(BridgeTest):
         agent = await self.agent.next_session()
         update = await agent.wait_for(lambda a: a.received and a.received[0])
         self.assertEqual(self.agent.headers[0]["Authorization"], "Bearer test-key")
+        tools = update["session"].pop("tools")
         self.assertEqual(update, {"type": "session.update", "session": {
             "system_prompt": bridge.SYSTEM_PROMPT,
             "greeting": bridge.GREETINGS["/stream"],
             "input": {"format": {"encoding": "audio/pcmu"}},
-            "output": {"format": {"encoding": "audio/pcmu"}},
-            "tools": [{
-                "type": "function", "name": "generate_random_number",
-                "description": "Generate a random whole number between min and max, inclusive.",
-                "parameters": {"type": "object", "properties": {
-                    "min": {"type": "integer", "description": "The smallest allowed number."},
-                    "max": {"type": "integer", "description": "The largest allowed number."}},
-                    "required": ["min", "max"]}}]}})
+            "output": {"format": {"encoding": "audio/pcmu"}}}})
+        self.assertEqual([tool["name"] for tool in tools], ["generate_random_number", "end_call"])
+        self.assertEqual(tools[0], {
+            "type": "function", "name": "generate_random_number",
+            "description": "Generate a random whole number between min and max, inclusive.",
+            "parameters": {"type": "object", "properties": {
+                "min": {"type": "integer", "description": "The smallest allowed number."},
+                "max": {"type": "integer", "description": "The largest allowed number."}},
+                "required": ["min", "max"]}})
 
     async def test_outbound_calls_get_their_own_greeting_and_the_voice(self):
         """An outbound stream gets the outbound greeting; AGENT_VOICE goes in output.voice."""
@@ -593,7 +611,8 @@ class HangUps(BridgeTest):
         self.assertEqual(await agent.closed(), 1000)
         await self.log.wait_for(r"^\[CA6{32}\] Twilio stopped the stream")
         await self.log.wait_for(r"^\[CA6{32}\] call ended after [\d.]+ s: audio frames 0 in, "
-                                r"2 out; barge-ins 0; tool calls 1; malformed messages 0$")
+                                r"2 out; barge-ins 0; tool calls 1; malformed messages 0; "
+                                r"agent reconnects 0$")
         self.assertEqual(await twilio.closed(), 1000)
         leftovers = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ in
                      ("run_tool", "relay", "media_stream")]
@@ -668,7 +687,7 @@ class Robustness(BridgeTest):
         malformed = [line for line in self.log.lines if "malformed" in line]
         self.assertEqual(len(malformed), 1)
         await twilio.stop()
-        await self.log.wait_for(r"\[CA9{32}\] call ended .*; malformed messages 5$")
+        await self.log.wait_for(r"\[CA9{32}\] call ended .*; malformed messages 5; agent")
 
 
 class OutboundCommand(unittest.IsolatedAsyncioTestCase):
