@@ -539,7 +539,7 @@ async def after_last_words(call: Call, action) -> None:
         call.log.info("the caller spoke over the agent's last words: the call goes on")
         return
     except TimeoutError:
-        call.log.warning("Twilio did not confirm the last words played within %d s: going "
+        call.log.warning("Twilio did not confirm the last words played within %g s: going "
                          "ahead", MARK_TIMEOUT)
     finally:
         call.last_words = None

@@ -298,6 +298,26 @@ class BridgeTest(unittest.IsolatedAsyncioTestCase):
         await twilio.wait_for(lambda t: greeting in t.played())
         return twilio, agent
 
+    async def twilio_api(self, **answers) -> FakeHTTP:
+        """Give the bridge Twilio credentials and a fake REST API; answers: CallSid -> status."""
+        account = "AC" + "0" * 32
+        rest = await FakeHTTP({f"/2010-04-01/Accounts/{account}/Calls/{sid}.json":
+                               (status, {"sid": sid} if status == 200 else
+                                {"code": 21220, "message": "Call is not in-progress"})
+                               for sid, status in answers.items()}).start()
+        self.addAsyncCleanup(rest.stop)
+        self.settings(TWILIO_API_URL=rest.url, TWILIO_ACCOUNT_SID=account,
+                      TWILIO_AUTH_TOKEN="secret")
+        return rest
+
+    async def agree_to(self, agent: AgentSession, tool: str) -> dict:
+        """Have the agent call one of its tools, and return the tool.result the bridge sends."""
+        await agent.send({"type": "reply.started", "reply_id": "reply_tool"})
+        await agent.send({"type": "tool.call", "call_id": "call_" + tool, "name": tool,
+                          "arguments": {}})
+        await agent.send({"type": "reply.done", "reply_id": "reply_tool", "status": "completed"})
+        return (await agent.wait_for(lambda a: a.of("type", "tool.result")))[0]
+
     async def round_trip(self, twilio: TwilioStream, agent: AgentSession, tag="sync"):
         """Send one caller frame and wait until the agent has it: all before it has arrived."""
         frame = audio(tag, len(agent.audio_in()))
@@ -646,12 +666,252 @@ class HangUps(BridgeTest):
                                 r"\(check ASSEMBLYAI_API_KEY\)")
         await self.log.wait_for("closed the connection: 1008 unauthorized")
 
-    async def test_unreachable_agent_ends_the_call_and_says_why(self):
-        """If the Voice Agent API cannot be reached, the stream closes and the log says where."""
+
+
+APOLOGY_TWIML = ('<?xml version="1.0" encoding="UTF-8"?>\n<Response><Say>Sorry, our assistant '
+                 "is not available right now. Please call again later. Goodbye.</Say><Hangup/>"
+                 "</Response>")
+
+
+class EndingCalls(BridgeTest):
+    """The agent hangs up, or transfers the caller, once its last words have been heard."""
+
+    async def test_goodbye_plays_to_the_end_before_the_call_ends(self):
+        """end_call is answered; the call ends only when Twilio echoes the mark after goodbye."""
+        twilio, agent = await self.start_call(call_sid="CA" + "c" * 32)
+        result = await self.agree_to(agent, "end_call")
+        self.assertEqual((result["call_id"], result["is_error"]), ("call_end_call", False))
+        goodbye = [audio("bye", n, 300) for n in range(3)]
+        await agent.speak("reply_bye", goodbye)
+        mark, = await twilio.wait_for(lambda t: t.of("event", "mark"))
+        self.assertEqual(twilio.received[-4:], [*twilio.of("event", "media")[-3:], mark])
+        self.assertEqual(twilio.played()[-3:], goodbye)
+        self.assertEqual(mark["streamSid"], twilio.stream_sid)
+        await self.round_trip(twilio, agent)  # not played yet: the call goes on meanwhile
+        self.assertEqual(agent.of("type", "session.end"), [])
+        await twilio.echo_mark(mark["mark"]["name"])
+        await agent.wait_for(lambda a: a.of("type", "session.end"))
+        self.assertEqual(await twilio.closed(), 1000)
+        await self.log.wait_for(r"^\[CAc{32}\] the agent hung up$")
+
+    async def test_goodbye_interrupted_keeps_the_call_going(self):
+        """If the caller interrupts the goodbye, there is no hang-up: the conversation goes on."""
+        twilio, agent = await self.start_call()
+        await self.agree_to(agent, "end_call")
+        await agent.speak("reply_bye", [audio("bye", 0, 300)], status="interrupted")
+        await self.log.wait_for("the caller spoke over the agent's last words: the call goes on")
+        answer = audio("answer", 0, 300)
+        await agent.speak("reply_next", [answer])
+        await twilio.wait_for(lambda t: answer in t.played())
+        await self.round_trip(twilio, agent)
+        self.assertEqual((twilio.of("event", "mark"), agent.of("type", "session.end")), ([], []))
+
+    async def test_mark_echoed_after_a_clear_was_not_heard(self):
+        """A mark Twilio returns because of a clear means the goodbye was cut: no hang-up."""
+        twilio, agent = await self.start_call()
+        await self.agree_to(agent, "end_call")
+        await agent.speak("reply_bye", [audio("bye", 0, 300)])
+        mark, = await twilio.wait_for(lambda t: t.of("event", "mark"))
+        await agent.send({"type": "input.speech.started"})
+        await twilio.wait_for(lambda t: t.events()[-1] == "clear")
+        await twilio.echo_mark(mark["mark"]["name"])  # as Twilio does for a cleared mark
+        await self.log.wait_for("the caller spoke over the agent's last words")
+        await self.round_trip(twilio, agent)
+        self.assertEqual(agent.of("type", "session.end"), [])
+
+    async def test_no_goodbye_ends_the_call_once_sent_audio_has_played(self):
+        """If no reply follows end_call's result, the mark follows the audio already sent."""
+        self.settings(REPLY_WAIT=0.2)
+        twilio, agent = await self.start_call()
+        filler = audio("filler", 0, 300)
+        await agent.send({"type": "reply.started", "reply_id": "reply_tool"})
+        await agent.send({"type": "reply.audio", "reply_id": "reply_tool", "data": filler})
+        await agent.send({"type": "tool.call", "call_id": "c1", "name": "end_call",
+                          "arguments": {}})
+        await agent.send({"type": "reply.done", "reply_id": "reply_tool"})
+        mark, = await twilio.wait_for(lambda t: t.of("event", "mark"))
+        self.assertEqual(twilio.received[-2:], [twilio.of("event", "media")[-1], mark])
+        self.assertEqual(twilio.played()[-1], filler)
+        await twilio.echo_mark(mark["mark"]["name"])
+        await agent.wait_for(lambda a: a.of("type", "session.end"))
+        self.assertEqual(await twilio.closed(), 1000)
+
+    async def test_mark_that_never_returns_hangs_up_after_a_timeout(self):
+        """If Twilio never echoes the mark, the call still ends after MARK_TIMEOUT."""
+        self.settings(MARK_TIMEOUT=0.3)
+        twilio, agent = await self.start_call()
+        await self.agree_to(agent, "end_call")
+        await agent.speak("reply_bye", [audio("bye", 0, 300)])
+        await twilio.wait_for(lambda t: t.of("event", "mark"))
+        await agent.wait_for(lambda a: a.of("type", "session.end"))
+        self.assertEqual(await twilio.closed(), 1000)
+        await self.log.wait_for("Twilio did not confirm the last words played within 0.3 s")
+
+    async def test_transfer_dials_the_number_after_the_hand_off_plays(self):
+        """transfer_call: after the hand-off is heard, the call gets <Dial>; the session ends."""
+        sid = "CA" + "d" * 32
+        rest = await self.twilio_api(**{sid: 200})
+        self.settings(TRANSFER_NUMBER="+15557654321")
+        twilio, agent = await self.start_call(call_sid=sid)
+        tools = agent.of("type", "session.update")[0]["session"]["tools"]
+        self.assertIn("transfer_call", [tool["name"] for tool in tools])
+        await self.agree_to(agent, "transfer_call")
+        await agent.speak("reply_handoff", [audio("handoff", 0, 300)])
+        mark, = await twilio.wait_for(lambda t: t.of("event", "mark"))
+        await self.round_trip(twilio, agent)
+        self.assertEqual(rest.requests, [])  # nothing happens before the hand-off is heard
+        await twilio.echo_mark(mark["mark"]["name"])
+        request = await rest.next_request()
+        self.assertEqual((request["method"], request["path"]),
+                         ("POST", f"/2010-04-01/Accounts/AC{'0' * 32}/Calls/{sid}.json"))
+        self.assertEqual(request["headers"]["Authorization"],
+                         "Basic " + base64.b64encode(b"AC" + b"0" * 32 + b":secret").decode())
+        self.assertEqual(request["form"], {"Twiml": [
+            '<?xml version="1.0" encoding="UTF-8"?>\n<Response><Dial>+15557654321</Dial>'
+            "</Response>"]})
+        await agent.wait_for(lambda a: a.of("type", "session.end"))
+        self.assertEqual(await twilio.closed(), 1000)
+
+    async def test_interrupted_hand_off_does_not_transfer(self):
+        """If the caller talks over the hand-off sentence, the caller stays with the agent."""
+        sid = "CA" + "e" * 32
+        rest = await self.twilio_api(**{sid: 200})
+        self.settings(TRANSFER_NUMBER="+15557654321")
+        twilio, agent = await self.start_call(call_sid=sid)
+        await self.agree_to(agent, "transfer_call")
+        await agent.speak("reply_handoff", [audio("handoff", 0, 300)], status="interrupted")
+        await self.log.wait_for("the caller spoke over the agent's last words")
+        await twilio.stop()
+        await self.log.wait_for(r"call ended after")
+        self.assertEqual(rest.requests, [])
+
+    async def test_failed_transfer_keeps_the_caller_with_the_agent(self):
+        """If Twilio refuses the transfer, the log says why and the conversation goes on."""
+        sid = "CA" + "f" * 32
+        await self.twilio_api(**{sid: 404})
+        self.settings(TRANSFER_NUMBER="+15557654321")
+        twilio, agent = await self.start_call(call_sid=sid)
+        await self.agree_to(agent, "transfer_call")
+        await agent.speak("reply_handoff", [audio("handoff", 0, 300)])
+        mark, = await twilio.wait_for(lambda t: t.of("event", "mark"))
+        await twilio.echo_mark(mark["mark"]["name"])
+        await self.log.wait_for("Twilio refused to update the call: 21220 Call is not in-progress")
+        await self.log.wait_for("the transfer failed: the caller stays with the agent")
+        await self.round_trip(twilio, agent)
+        self.assertEqual(agent.of("type", "session.end"), [])
+
+    async def test_transfer_is_offered_only_with_a_number_and_credentials(self):
+        """No TRANSFER_NUMBER, or no Twilio credentials: no transfer_call, and asking fails."""
+        await self.twilio_api()
+        for number, account in (("", "AC" + "0" * 32), ("+15557654321", "")):
+            with self.subTest(TRANSFER_NUMBER=number, TWILIO_ACCOUNT_SID=account):
+                self.settings(TRANSFER_NUMBER=number, TWILIO_ACCOUNT_SID=account)
+                twilio, agent = await self.start_call()
+                tools = agent.of("type", "session.update")[0]["session"]["tools"]
+                self.assertNotIn("transfer_call", [tool["name"] for tool in tools])
+                result = await self.agree_to(agent, "transfer_call")
+                self.assertTrue(result["is_error"])
+                await twilio.stop()
+                await agent.closed()
+
+    async def test_start_up_log_says_what_is_off_and_why(self):
+        """Without credentials, or without TRANSFER_NUMBER, the start-up log says what is off."""
+        bridge.log_what_is_off()
+        await self.log.wait_for("TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN are not set: if the "
+                                "Voice Agent API fails, callers are hung up without a spoken "
+                                "apology, and the agent cannot transfer calls")
+        self.settings(TWILIO_ACCOUNT_SID="AC1", TWILIO_AUTH_TOKEN="secret")
+        bridge.log_what_is_off()
+        await self.log.wait_for("TRANSFER_NUMBER is not set: the agent cannot transfer calls")
+
+
+class AgentFailures(BridgeTest):
+    """When the Voice Agent API fails, the caller hears an apology, never silence."""
+
+    async def assert_apology(self, rest: FakeHTTP, twilio: TwilioStream):
+        request = await rest.next_request()
+        self.assertEqual(request["path"], f"/2010-04-01/Accounts/AC{'0' * 32}/Calls/"
+                                          f"{twilio.call_sid}.json")
+        self.assertEqual(request["form"], {"Twiml": [APOLOGY_TWIML]})
+        self.assertEqual(await twilio.closed(), 1000)
+        await self.log.wait_for("the caller hears an apology, then the call ends")
+
+    async def test_unreachable_agent_is_tried_twice_then_apologized_for(self):
+        """A refused connection is retried once; then Twilio says sorry and the call ends."""
+        rest = await self.twilio_api(**{"CA" + "1" * 32: 200})
+        self.agent.refuse = 503
+        twilio = await TwilioStream.open(self.port)
+        await self.assert_apology(rest, twilio)
+        self.assertEqual(len(self.agent.headers), 2)
+        await self.log.wait_for("the Voice Agent API refused the connection: HTTP 503")
+
+    async def test_refused_key_at_the_handshake_is_not_retried(self):
+        """HTTP 401 on connect: one try, a log line naming ASSEMBLYAI_API_KEY, an apology."""
+        rest = await self.twilio_api(**{"CA" + "1" * 32: 200})
+        self.agent.refuse = 401
+        twilio = await TwilioStream.open(self.port)
+        await self.assert_apology(rest, twilio)
+        self.assertEqual(len(self.agent.headers), 1)
+        await self.log.wait_for(r"refused the connection: HTTP 401 \(check ASSEMBLYAI_API_KEY\)")
+
+    async def test_unauthorized_session_gets_an_apology(self):
+        """session.error unauthorized and close 1008: apology, not retried, the key is named."""
+        rest = await self.twilio_api(**{"CA" + "1" * 32: 200})
+        twilio = await TwilioStream.open(self.port)
+        agent = await self.agent.next_session()
+        await agent.send({"type": "session.error", "code": "unauthorized",
+                          "message": "Invalid API key"})
+        await agent.ws.close(1008, "unauthorized")
+        await self.assert_apology(rest, twilio)
+        self.assertEqual(len(self.agent.headers), 1)
+        await self.log.wait_for(r"agent error unauthorized: Invalid API key "
+                                r"\(check ASSEMBLYAI_API_KEY\)")
+        await self.log.wait_for("closed the connection: 1008 unauthorized")
+
+    async def test_bad_voice_gets_an_apology_and_names_the_setting(self):
+        """An invalid_value on the voice, then 1008: apology; the log names AGENT_VOICE."""
+        rest = await self.twilio_api(**{"CA" + "1" * 32: 200})
+        self.settings(AGENT_VOICE="Ivy")
+        twilio = await TwilioStream.open(self.port)
+        agent = await self.agent.next_session()
+        await agent.send({"type": "session.error", "code": "invalid_value",
+                          "message": "Unknown voice 'Ivy'", "param": "output.voice"})
+        await agent.ws.close(1008, "invalid_value")
+        await self.assert_apology(rest, twilio)
+        await self.log.wait_for(r"agent error invalid_value: Unknown voice 'Ivy' \(check "
+                                r"AGENT_VOICE: voice names are lowercase\)")
+
+    async def test_agent_lost_for_good_gets_an_apology(self):
+        """The agent socket drops mid-call and every try to get it back fails: apology."""
+        rest = await self.twilio_api(**{"CA" + "1" * 32: 200})
+        self.settings(RETRY_DELAYS=(0, 0.01, 0.01))
+        twilio, agent = await self.start_call()
+        self.agent.refuse = 503
+        agent.ws.transport.abort()
+        await self.assert_apology(rest, twilio)
+        self.assertEqual(len(self.agent.headers), 1 + 3)
+
+    async def test_without_credentials_the_stream_is_closed_and_the_log_says_why(self):
+        """No Twilio credentials: no spoken apology, the call still ends, the log says why."""
         await self.agent.stop()
         twilio = await TwilioStream.open(self.port)
         self.assertEqual(await twilio.closed(), 1000)
         await self.log.wait_for(r"cannot reach the Voice Agent API at ws://127\.0\.0\.1:\d+/v1/ws")
+        await self.log.wait_for("hanging up without a spoken apology: set TWILIO_ACCOUNT_SID and "
+                                "TWILIO_AUTH_TOKEN so that callers hear one")
+
+    async def test_a_failing_call_leaves_other_calls_alone(self):
+        """One call's agent failing ends that call only; another call goes on both ways."""
+        rest = await self.twilio_api(**{"CA" + "2" * 32: 200})
+        healthy, healthy_agent = await self.start_call(call_sid="CA" + "1" * 32)
+        failing = await TwilioStream.open(self.port, call_sid="CA" + "2" * 32)
+        failing_agent = await self.agent.next_session()
+        await failing_agent.ws.close(1008, "unauthorized")
+        await self.assert_apology(rest, failing)
+        await self.round_trip(healthy, healthy_agent)
+        voice = audio("still here", 0, 300)
+        await healthy_agent.speak("reply_1", [voice])
+        await healthy.wait_for(lambda t: voice in t.played())
 
 
 class Robustness(BridgeTest):
