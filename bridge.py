@@ -14,6 +14,8 @@ Settings come from the environment or a .env file: see .env.example and README.m
 import asyncio
 import base64
 import errno
+import hashlib
+import hmac
 import inspect
 import json
 import logging
@@ -48,9 +50,12 @@ PUBLIC_URL = os.environ.get("PUBLIC_URL", "").rstrip("/")  # https://abc.ngrok.a
 AGENT_VOICE = os.environ.get("AGENT_VOICE", "")  # lowercase voice name; unset: server default
 TRANSFER_NUMBER = os.environ.get("TRANSFER_NUMBER", "")  # +15551234567: agent may transfer
 TWILIO_ACCOUNT_SID = os.environ.get("TWILIO_ACCOUNT_SID", "")  # for Twilio's REST API: outbound
-TWILIO_AUTH_TOKEN = os.environ.get("TWILIO_AUTH_TOKEN", "")  # calls, transfers, apologies
+TWILIO_AUTH_TOKEN = os.environ.get("TWILIO_AUTH_TOKEN", "")  # calls, transfers, apologies; and
+#   set, it also checks that every webhook and Media Stream really comes from Twilio
 TWILIO_PHONE_NUMBER = os.environ.get("TWILIO_PHONE_NUMBER", "")  # caller ID for outbound calls
 TWILIO_API_URL = os.environ.get("TWILIO_API_URL") or "https://api.twilio.com"
+MAX_CALL_SECONDS = os.environ.get("MAX_CALL_SECONDS") or "3600"  # then the bridge hangs up
+DRAIN_SECONDS = os.environ.get("DRAIN_SECONDS") or "300"  # for live calls to end on SIGTERM
 LOG_LEVEL = os.environ.get("LOG_LEVEL") or "INFO"
 
 NGROK_API = "http://127.0.0.1:4040/api/tunnels"  # the local ngrok agent, asked for its URL
@@ -67,6 +72,8 @@ MARK_TIMEOUT = 10  # seconds for Twilio to say the last words have played before
 TWILIO_API_TIMEOUT = 10  # seconds for one request to Twilio's REST API
 
 log = logging.getLogger("bridge")
+live_calls: set[asyncio.Task] = set()  # the media_stream task of every call in progress
+draining = False  # set on SIGTERM or Ctrl-C: new calls are turned away, live ones finish
 
 # --------------------------------------------------------------------------- the agent
 
@@ -641,7 +648,11 @@ async def converse(call: Call) -> None:
     tasks = {asyncio.create_task(caller_to_agent(call)), asyncio.create_task(agent_to_caller(call)),
              asyncio.create_task(call.over.wait())}
     try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(tasks, timeout=float(MAX_CALL_SECONDS),
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if not done:  # so that a stuck call cannot run up the bill for hours
+            call.log.warning("the call reached MAX_CALL_SECONDS (%s s): hanging up",
+                             MAX_CALL_SECONDS)
     finally:
         for task in tasks:
             task.cancel()
@@ -722,6 +733,7 @@ async def media_stream(twilio: ServerConnection) -> None:
     if call is None:
         return
     call.log.info("call connected on %s", twilio.request.path)
+    live_calls.add(asyncio.current_task())
     try:
         if await open_session(call, FIRST_TRIES):
             await converse(call)
@@ -732,6 +744,7 @@ async def media_stream(twilio: ServerConnection) -> None:
             task.cancel()
         await end_session(call)
         call.log.info(call.summary())
+        live_calls.discard(asyncio.current_task())
 
 
 # --------------------------------------------------------------------------- HTTP webhooks
@@ -829,16 +842,67 @@ WEBHOOKS = {
 }
 
 
+def twilio_signature(url: str, form: list[tuple[str, str]]) -> str:
+    """Twilio's X-Twilio-Signature for a request to url with these form fields.
+
+    HMAC-SHA1, keyed with the auth token, of the URL followed by every field's name and value,
+    sorted (repeated fields each count once), base64-encoded.
+    """
+    data = url + "".join(name + value for name, value in sorted(set(form)))
+    digest = hmac.new(TWILIO_AUTH_TOKEN.encode(), data.encode(), hashlib.sha1).digest()
+    return base64.b64encode(digest).decode()
+
+
+def urls_twilio_may_sign(url: str) -> set[str]:
+    """url, with and without its default port: Twilio's own libraries accept both."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.netloc.rsplit(":", 1)[0] if parts.port else parts.netloc
+    default_port = 80 if parts.scheme == "http" else 443
+    return {parts._replace(netloc=host).geturl(),
+            parts._replace(netloc=f"{host}:{parts.port or default_port}").geturl()}
+
+
+def signed_by_twilio(connection: WebhookConnection, request: Request, stream: bool) -> bool:
+    """Whether the request carries Twilio's signature of the URL Twilio called.
+
+    That URL is our public one (PUBLIC_URL, else the Host header): https for a webhook, with
+    its query and its form fields signed; wss for a Media Stream, where Twilio's
+    documentation also allows a trailing slash.
+    """
+    base = public_base_url(request)
+    if base is None:
+        return False
+    if stream:
+        path = urllib.parse.urlsplit(request.path).path
+        urls = {f"wss://{base.split('://', 1)[1]}{path}{slash}" for slash in ("", "/")}
+    else:
+        urls = {base + request.path}
+    candidates = {variant for url in urls for variant in urls_twilio_may_sign(url)}
+    signature = request.headers.get("X-Twilio-Signature", "").encode("ascii", "replace")
+    form = [] if stream else connection.form
+    return any(hmac.compare_digest(twilio_signature(url, form).encode(), signature)
+               for url in candidates)
+
+
 def process_request(connection: WebhookConnection, request: Request) -> Response | None:
     """Answer the plain HTTP webhooks; let Media Stream upgrades through to media_stream()."""
     url = urllib.parse.urlsplit(request.path)
-    if url.path in GREETINGS:
-        return None  # a Media Stream: go on with the WebSocket handshake
+    stream = url.path in GREETINGS
     webhook = WEBHOOKS.get(url.path)
-    if webhook is None:
+    if not stream and webhook is None:
         return connection.respond(404, "Not Found\n")
     if request.method not in ("GET", "POST"):
         return connection.respond(405, "Method Not Allowed\n")
+    if draining and not stream:  # a stream belongs to a call already answered: it is let in
+        return connection.respond(503, "Shutting down: try another server\n")
+    if TWILIO_AUTH_TOKEN and url.path != "/health" and not signed_by_twilio(
+            connection, request, stream):
+        log.warning("refusing %s %s: no valid X-Twilio-Signature (is TWILIO_AUTH_TOKEN your "
+                    "account's auth token, and PUBLIC_URL the URL Twilio calls?)",
+                    request.method, url.path)
+        return connection.respond(403, "Forbidden: not signed by Twilio\n")
+    if stream:
+        return None  # a Media Stream: go on with the WebSocket handshake
     # Twilio sends its fields in a POST's body, or in the query string of a GET.
     form = connection.form or urllib.parse.parse_qsl(url.query, keep_blank_values=True)
     return webhook(connection, request, dict(form))
@@ -891,6 +955,10 @@ def place_call(to: str) -> str:
 
 def log_what_is_off() -> None:
     """Say at start-up which features the settings leave off, and how to turn them on."""
+    if not TWILIO_AUTH_TOKEN:
+        log.warning("TWILIO_AUTH_TOKEN is not set: requests are not checked for Twilio's "
+                    "signature, so anyone who finds this server's URL can start calls on your "
+                    "AssemblyAI account; set TWILIO_AUTH_TOKEN to turn the check on")
     if not twilio_credentials():
         log.warning("TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN are not set: if the Voice Agent "
                     "API fails, callers are hung up without a spoken apology, and the agent "
@@ -900,21 +968,47 @@ def log_what_is_off() -> None:
 
 
 async def serve_calls(port: int) -> None:
-    """Serve until SIGTERM or Ctrl-C."""
+    """Serve until SIGTERM or Ctrl-C, then drain: let live calls finish before exiting."""
     try:
         server = await serve_bridge(None, port)
     except OSError as exc:
         reason = "another program uses it" if exc.errno == errno.EADDRINUSE else exc.strerror
         message = f"cannot listen on port {port}: {reason} (set PORT to a free port)"
         raise SystemExit(message) from None
+    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, server.close)
+        loop.add_signal_handler(signum, on_signal, stop)
     where = PUBLIC_URL or "https://<your ngrok host>"
     log.info("listening on port %d; set your Twilio number's voice webhook to %s/twiml",
-             port, where)
+             server.sockets[0].getsockname()[1], where)
     log_what_is_off()
+    await stop.wait()
+    await drain(server)
+
+
+def on_signal(stop: asyncio.Event) -> None:
+    """The first SIGTERM or Ctrl-C starts a graceful stop; a second one exits at once."""
+    if stop.is_set():
+        log.warning("second signal: exiting now, cutting off %d live calls", len(live_calls))
+        os._exit(1)
+    stop.set()
+
+
+async def drain(server) -> None:
+    """Turn new calls away, let live calls finish for up to DRAIN_SECONDS, then end the rest."""
+    global draining
+    draining = True  # webhooks answer 503 from now on, so Twilio tries its fallback URL
+    log.info("stopping: new calls are turned away; waiting up to %s s for %d live calls to "
+             "end (a second signal stops at once)", DRAIN_SECONDS, len(live_calls))
+    deadline = asyncio.get_running_loop().time() + float(DRAIN_SECONDS)
+    while live_calls and (left := deadline - asyncio.get_running_loop().time()) > 0:
+        await asyncio.wait(set(live_calls), timeout=left)
+    if live_calls:
+        log.warning("ending %d calls still live after DRAIN_SECONDS", len(live_calls))
+    server.close()  # closes their streams: each call ends its agent session and hangs up
     await server.wait_closed()
+    log.info("stopped")
 
 
 def main(argv: list[str]) -> None:
@@ -931,8 +1025,11 @@ def main(argv: list[str]) -> None:
         raise SystemExit("usage: python bridge.py [call +15551234567]")
     if not ASSEMBLYAI_API_KEY:
         raise SystemExit("ASSEMBLYAI_API_KEY is not set: copy .env.example to .env and fill it in")
-    if not PORT.isdigit() or not 0 < int(PORT) < 65536:
-        raise SystemExit(f"PORT={PORT} is not a port number (1-65535)")
+    if not PORT.isdigit() or not 0 <= int(PORT) < 65536:
+        raise SystemExit(f"PORT={PORT} is not a port number (1-65535, or 0 for any free one)")
+    for name, value in (("MAX_CALL_SECONDS", MAX_CALL_SECONDS), ("DRAIN_SECONDS", DRAIN_SECONDS)):
+        if not re.fullmatch(r"\d+(\.\d*)?", value):
+            raise SystemExit(f"{name}={value} is not a number of seconds")
     if PUBLIC_URL and not PUBLIC_URL.startswith(("https://", "http://")):
         raise SystemExit(f"PUBLIC_URL={PUBLIC_URL} must start with https://")
     asyncio.run(serve_calls(int(PORT)))

@@ -8,6 +8,8 @@ Twilio's REST API and the ngrok agent by a small local HTTP server. Run: python 
 import asyncio
 import base64
 import contextlib
+import hashlib
+import hmac
 import http.client
 import json
 import logging
@@ -33,6 +35,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def audio(tag: str, n: int, size: int = 160) -> str:
     """A base64 mu-law frame whose bytes say which stream and which frame it is."""
     return base64.b64encode(f"{tag}-{n:04d}".encode().ljust(size, b"\xff")).decode()
+
+
+def signature(token: str, url: str, form: dict | None = None) -> str:
+    """X-Twilio-Signature as Twilio computes it: HMAC-SHA1 of the URL and the sorted fields."""
+    data = url + "".join(name + value for name, value in sorted((form or {}).items()))
+    return base64.b64encode(hmac.new(token.encode(), data.encode(), hashlib.sha1).digest()).decode()
 
 
 # --------------------------------------------------------------------------- fakes
@@ -127,8 +135,14 @@ class TwilioStream(Peer):
     """Stands in for Twilio's side of one call's Media Stream."""
 
     @classmethod
-    async def open(cls, port: int, path: str = "/stream", call_sid: str = "CA" + "1" * 32):
-        stream = cls(await connect(f"ws://127.0.0.1:{port}{path}", compression=None))
+    async def open(cls, port: int, path: str = "/stream", call_sid: str = "CA" + "1" * 32,
+                   headers: dict | None = None):
+        """Open a Media Stream as Twilio does, signed if the bridge has TWILIO_AUTH_TOKEN."""
+        if bridge.TWILIO_AUTH_TOKEN and headers is None:
+            headers = {"X-Twilio-Signature": signature(
+                bridge.TWILIO_AUTH_TOKEN, f"wss://127.0.0.1:{port}{path}")}
+        stream = cls(await connect(f"ws://127.0.0.1:{port}{path}", compression=None,
+                                   additional_headers=headers))
         stream.call_sid, stream.stream_sid = call_sid, "MZ" + call_sid[2:]
         await stream.send({"event": "connected", "protocol": "Call", "version": "1.0.0"})
         await stream.send({"event": "start", "sequenceNumber": "1", "streamSid": stream.stream_sid,
@@ -1056,7 +1070,8 @@ class StartUp(unittest.IsolatedAsyncioTestCase):
     async def test_bad_port(self):
         """A PORT that is not a port number is named."""
         self.assertEqual(await self.serve(ASSEMBLYAI_API_KEY="k", PORT="eighty"),
-                         (1, "PORT=eighty is not a port number (1-65535)\n"))
+                         (1, "PORT=eighty is not a port number (1-65535, or 0 for any free "
+                             "one)\n"))
 
     async def test_port_in_use(self):
         """A port another program holds is named, with what to do."""
