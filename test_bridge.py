@@ -433,6 +433,116 @@ class Webhooks(BridgeTest):
         self.assertEqual(status, 413)
 
 
+class Signatures(BridgeTest):
+    """With TWILIO_AUTH_TOKEN set, only requests Twilio signed get through."""
+
+    TOKEN = "twilio-auth-token"
+
+    async def asyncSetUp(self):
+        await super().asyncSetUp()
+        self.settings(TWILIO_AUTH_TOKEN=self.TOKEN)
+
+    def test_twilios_published_test_vectors(self):
+        """The signature matches the values Twilio publishes for its own SDKs."""
+        self.settings(TWILIO_AUTH_TOKEN="12345")
+        url = "https://mycompany.com/myapp.php?foo=1&bar=2"
+        form = [("CallSid", "CA1234567890ABCDE"), ("Digits", "1234"), ("From", "+14158675309"),
+                ("To", "+18005551212"), ("Caller", "+14158675309")]
+        self.assertEqual(bridge.twilio_signature(url, form), "RSOYDt4T1cUTdK1PDd93/VVr8B8=")
+        self.assertEqual(bridge.twilio_signature(url.replace(".com/", ".com:443/"), form),
+                         "kvajT1Ptam85bY51eRf/AJRuM3w=")
+        self.assertEqual(bridge.twilio_signature(
+            "http://mycompany.com:80/myapp.php?foo=1&bar=2", form), "0ZXoZLH/DfblKGATFgpif+LLRf4=")
+        self.assertEqual(bridge.twilio_signature(
+            "http://mycompany.com:1234/myapp.php?foo=1&bar=2", form),
+            "Zmvh+3yNM1Phv2jhDCwEM3q5ebU=")
+        repeated = [("Sid", "CA123"), ("SidAccount", "AC123"), ("Digits", "5678"),
+                    ("Digits", "1234"), ("Digits", "1234")]
+        self.assertEqual(bridge.twilio_signature(url, repeated), "IK+Dwps556ElfBT0I3Rgjkr1wJU=")
+        self.assertEqual(bridge.twilio_signature(
+            "https://example.com/myapp.php?foo=1&bar=2",
+            [("Digits", "1234"), ("To", "+18005551212"), ("From", "+14158675310"),
+             ("Caller", "+14158675310"), ("CallSid", "CA1234567890ABCDE")]),
+            "L/OH5YylLD5NRKLltdqwSvS0BnU=")
+
+    async def post(self, path: str, form: dict, signed_url: str | None, signed_form=None):
+        headers = {"Host": "abc.ngrok.app"}
+        if signed_url is not None:
+            headers["X-Twilio-Signature"] = signature(self.TOKEN, signed_url,
+                                                      form if signed_form is None else signed_form)
+        return (await self.http("POST", path, form=form, headers=headers))[0]
+
+    async def test_every_webhook_needs_twilios_signature(self):
+        """Signed: 200. Changed field, other URL, no header: 403, and a log line says why."""
+        form = {"CallSid": "CA" + "a" * 32, "From": "+15550001111", "CallStatus": "ringing",
+                "ForwardedFrom": ""}  # an empty field is signed too
+        for path in ("/twiml", "/outbound-twiml", "/call-status"):
+            with self.subTest(path=path):
+                url = "https://abc.ngrok.app" + path
+                self.assertEqual(await self.post(path, form, url), 200)
+                self.assertEqual(await self.post(path, form, url.replace(".app/", ".app:443/")),
+                                 200)
+                tampered = {**form, "From": "+19005550000"}
+                self.assertEqual(await self.post(path, tampered, url, signed_form=form), 403)
+                self.assertEqual(await self.post(path, form, "https://other.example" + path),
+                                 403)
+                self.assertEqual(await self.post(path, form, None), 403)
+                await self.log.wait_for(f"refusing POST {path}: no valid X-Twilio-Signature")
+
+    async def test_get_webhooks_sign_their_query_string(self):
+        """A GET webhook is signed over its URL with the query string; changing it is refused."""
+        path = "/twiml?CallSid=CA1&From=%2B15550001111"
+        url = "https://abc.ngrok.app" + path
+        good = {"Host": "abc.ngrok.app", "X-Twilio-Signature": signature(self.TOKEN, url)}
+        self.assertEqual((await self.http("GET", path, headers=good))[0], 200)
+        self.assertEqual((await self.http("GET", path + "0", headers=good))[0], 403)
+
+    async def test_public_url_is_the_url_signed(self):
+        """With PUBLIC_URL set, Twilio's signature is checked against it, not the Host header."""
+        self.settings(PUBLIC_URL="https://bridge.example.com")
+        form = {"CallSid": "CA1"}
+        headers = {"Host": "internal:8080", "X-Twilio-Signature": signature(
+            self.TOKEN, "https://bridge.example.com/twiml", form)}
+        self.assertEqual((await self.http("POST", "/twiml", form=form, headers=headers))[0], 200)
+        headers["X-Twilio-Signature"] = signature(self.TOKEN, "https://internal:8080/twiml", form)
+        self.assertEqual((await self.http("POST", "/twiml", form=form, headers=headers))[0], 403)
+
+    async def test_media_stream_needs_a_signature_before_any_agent_session(self):
+        """Unsigned or wrongly signed streams get 403 and open no agent session."""
+        url = f"wss://127.0.0.1:{self.port}/stream"
+        for headers in ({}, {"X-Twilio-Signature": "bm90IGEgc2lnbmF0dXJl"},
+                        {"X-Twilio-Signature": signature(self.TOKEN, "https" + url[3:])}):
+            with self.subTest(headers=headers):
+                with self.assertRaises(InvalidStatus) as refused:
+                    await TwilioStream.open(self.port, headers=headers)
+                self.assertEqual(refused.exception.response.status_code, 403)
+        self.assertEqual(self.agent.headers, [])
+        await self.log.wait_for("refusing GET /stream: no valid X-Twilio-Signature")
+
+    async def test_signed_media_streams_are_let_in(self):
+        """A stream signed over its wss URL, with a trailing slash or :443 or not, is let in."""
+        self.settings(PUBLIC_URL="https://abc.ngrok.app")
+        for signed in ("abc.ngrok.app/stream", "abc.ngrok.app/stream/",
+                       "abc.ngrok.app:443/stream"):
+            with self.subTest(signed=signed):
+                headers = {"X-Twilio-Signature": signature(self.TOKEN, "wss://" + signed)}
+                twilio = await TwilioStream.open(self.port, headers=headers)
+                agent = await self.agent.next_session()
+                await twilio.stop()
+                await agent.closed()
+
+    async def test_health_needs_no_signature(self):
+        """A load balancer's health check is not signed, and still gets 200."""
+        self.assertEqual((await self.http("GET", "/health"))[0], 200)
+
+    async def test_without_a_token_the_start_up_log_says_requests_are_not_checked(self):
+        """No TWILIO_AUTH_TOKEN: one start-up line says requests are unchecked, and the fix."""
+        self.settings(TWILIO_AUTH_TOKEN="")
+        bridge.log_what_is_off()
+        await self.log.wait_for("TWILIO_AUTH_TOKEN is not set: requests are not checked for "
+                                "Twilio's signature, .* set TWILIO_AUTH_TOKEN to turn the check on")
+
+
 class Calls(BridgeTest):
 
     async def test_session_update_is_sent_at_once(self):
