@@ -610,7 +610,11 @@ async def relay(call: Call, source, handlers: dict, key: str, sender: str) -> No
             event = parse_event(call, message, sender)
             handler = handlers.get(event.get(key)) if event else None
             if handler is None:
-                continue  # events we have no use for; both protocols add new ones over time
+                # The agent's events grow in number over time and we use only some: skip the
+                # rest. Twilio's are few and fixed: any other one is a mistake worth a line.
+                if event and sender == "Twilio":
+                    note_malformed(call, sender, f"unknown event {event.get(key)!r}")
+                continue
             try:
                 if await handler(call, event):
                     return
@@ -623,6 +627,8 @@ async def relay(call: Call, source, handlers: dict, key: str, sender: str) -> No
 async def caller_to_agent(call: Call) -> None:
     """Relay the caller's side until Twilio stops the stream or its socket closes."""
     await relay(call, call.twilio, TWILIO_EVENTS, "event", "Twilio")
+    if call.twilio.close_code not in (None, 1000, 1005):  # 1005: closed without a code
+        call.log.warning("Twilio's stream closed: %s", call.twilio.protocol.close_exc)
 
 
 async def agent_to_caller(call: Call) -> None:
@@ -663,21 +669,32 @@ async def converse(call: Call) -> None:
 
 async def wait_for_start(twilio: ServerConnection) -> Call | None:
     """Read Twilio's messages up to `start` and return the new call; None if none comes."""
+    early = 0  # messages before `start`, besides `connected`: only the first is logged
     try:
         async with asyncio.timeout(START_TIMEOUT):
             async for message in twilio:
                 with suppress(ValueError, KeyError, TypeError):
                     event = json.loads(message)
                     if event["event"] == "start":
-                        start = event["start"]
-                        path = urllib.parse.urlsplit(twilio.request.path).path
-                        return Call(sid=start["callSid"], stream_sid=start["streamSid"],
-                                    twilio=twilio, greeting=GREETINGS[path])
+                        return new_call(twilio, event["start"])
+                    if event["event"] == "connected":
+                        continue
+                early += 1
+                if early == 1:
+                    log.warning("ignoring a Media Stream message sent before a valid start: %r",
+                                message[:80])
     except TimeoutError:
         log.warning("a Media Stream sent no start message in %d s: closing it", START_TIMEOUT)
     except ConnectionClosed:
         pass
     return None
+
+
+def new_call(twilio: ServerConnection, start: dict) -> Call:
+    """The call a Media Stream's `start` message describes."""
+    path = urllib.parse.urlsplit(twilio.request.path).path
+    return Call(sid=start["callSid"], stream_sid=start["streamSid"], twilio=twilio,
+                greeting=GREETINGS[path])
 
 
 def connect_error(exc: Exception) -> str:
@@ -756,7 +773,8 @@ class WebhookConnection(ServerConnection):
     websockets reads only the head of an HTTP request, and closes a request that has a body
     without answering it. This takes the body off the wire first, keeps it parsed in
     self.form, and hands websockets the head alone. Once the head is through, every byte
-    goes straight to websockets.
+    goes straight to websockets. A request that breaks a limit gets its HTTP status (408,
+    411, 413, 431) rather than a silent close.
     """
 
     def __init__(self, *args, **kwargs):
@@ -764,9 +782,19 @@ class WebhookConnection(ServerConnection):
         self.form: list[tuple[str, str]] = []  # the POSTed fields, in order
         self.pending: bytearray | None = bytearray()  # the request so far; None once passed on
 
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.deadline = self.loop.call_later(HANDSHAKE_TIMEOUT, self.too_slow)
+
+    def too_slow(self) -> None:
+        if self.pending is not None and not self.transport.is_closing():  # still incomplete
+            self.refuse("408 Request Timeout")
+
     def data_received(self, data: bytes) -> None:
         if self.pending is None:
             return super().data_received(data)
+        if self.transport.is_closing():
+            return  # refused already
         self.pending += data
         head_end = self.pending.find(b"\r\n\r\n")
         if head_end < 0:  # the head is not complete yet
@@ -785,11 +813,12 @@ class WebhookConnection(ServerConnection):
         self.form = urllib.parse.parse_qsl(rest[:length].decode("utf-8", "replace"),
                                            keep_blank_values=True)
         self.pending = None
+        self.deadline.cancel()
         head = re.sub(rb"(?i)\r\ncontent-length:[^\r\n]*", b"", head)
         super().data_received(head + rest[length:])
 
     def refuse(self, status: str) -> None:
-        self.pending = bytearray()
+        self.deadline.cancel()
         self.transport.write(f"HTTP/1.1 {status}\r\nContent-Length: 0\r\n"
                              "Connection: close\r\n\r\n".encode())
         self.transport.close()
@@ -912,7 +941,7 @@ def serve_bridge(host: str | None, port: int):
     """Start the server: webhooks over plain HTTP, Media Streams over WebSocket, one port."""
     return serve(media_stream, host, port, process_request=process_request,
                  create_connection=WebhookConnection, compression=None,
-                 max_size=MAX_TWILIO_MESSAGE, open_timeout=HANDSHAKE_TIMEOUT)
+                 max_size=MAX_TWILIO_MESSAGE, open_timeout=HANDSHAKE_TIMEOUT + 1)
 
 
 # --------------------------------------------------------------------------- outbound calls

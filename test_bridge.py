@@ -762,6 +762,14 @@ class HangUps(BridgeTest):
                      ("run_tool", "relay", "media_stream")]
         self.assertEqual(leftovers, [])
 
+    async def test_call_longer_than_max_call_seconds_is_hung_up(self):
+        """After MAX_CALL_SECONDS the agent session is ended and the stream closed."""
+        self.settings(MAX_CALL_SECONDS=1)
+        twilio, agent = await self.start_call()
+        await agent.wait_for(lambda a: a.of("type", "session.end"))
+        self.assertEqual(await twilio.closed(), 1000)
+        await self.log.wait_for(r"the call reached MAX_CALL_SECONDS \(1 s\): hanging up")
+
     async def test_twilio_socket_dropping_ends_the_agent_session(self):
         """If Twilio's socket closes without a stop, the agent session is still ended."""
         twilio, agent = await self.start_call()
@@ -1038,6 +1046,52 @@ class AgentFailures(BridgeTest):
         await healthy.wait_for(lambda t: voice in t.played())
 
 
+class AgentReconnects(BridgeTest):
+    """If the agent's socket drops mid-call, the session is resumed; the caller hears a pause."""
+
+    async def test_dropped_socket_is_resumed_and_the_gap_audio_dropped(self):
+        """The bridge reconnects and sends session.resume; audio sent meanwhile is dropped."""
+        twilio, agent = await self.start_call(call_sid="CA" + "7" * 32)
+        await self.round_trip(twilio, agent)
+        agent.ws.transport.abort()  # the network drops: no close frame, no session.ended
+        again = await self.agent.next_session()
+        first = await again.wait_for(lambda a: a.received and a.received[0])
+        self.assertEqual(first, {"type": "session.resume", "session_id": "sess_CA" + "7" * 32})
+        for n in range(5):
+            await twilio.media(audio("gap", n))
+        await twilio.send({"event": "dtmf", "streamSid": twilio.stream_sid,
+                           "dtmf": {"track": "inbound_track", "digit": "9"}})
+        await self.log.wait_for("caller pressed 9")  # so the gap audio has been handled
+        await again.send({"type": "session.ready", "session_id": "sess_CA" + "7" * 32})
+        await self.log.wait_for(r"^\[CA7{32}\] agent session sess_CA7{32} resumed$")
+        await self.round_trip(twilio, again, tag="after")
+        self.assertEqual(again.audio_in(), [audio("after", 0)])
+        voice = audio("resumed", 0, 300)
+        await again.speak("reply_2", [voice])
+        await twilio.wait_for(lambda t: voice in t.played())
+        await twilio.stop()
+        await again.wait_for(lambda a: a.of("type", "session.end"))
+        await self.log.wait_for(r"agent reconnects 1$")
+
+    async def test_session_the_server_forgot_is_replaced_without_a_greeting(self):
+        """If resume fails with session_not_found, a new session starts, and does not greet."""
+        self.settings(RETRY_DELAYS=(0, 0.01, 0.01))
+        twilio, agent = await self.start_call()
+        await agent.ws.close(1011, "internal error")
+        again = await self.agent.next_session()
+        await again.wait_for(lambda a: a.of("type", "session.resume"))
+        await again.send({"type": "session.error", "code": "session_not_found",
+                          "message": "no such session"})
+        await again.ws.close(1008, "session_not_found")
+        fresh = await self.agent.next_session()
+        update = (await fresh.wait_for(lambda a: a.received and a.received))[0]
+        self.assertEqual(update["type"], "session.update")
+        self.assertNotIn("greeting", update["session"])
+        self.assertEqual(update["session"]["system_prompt"], bridge.SYSTEM_PROMPT)
+        await fresh.send({"type": "session.ready", "session_id": "sess_new"})
+        await self.round_trip(twilio, fresh)
+
+
 class Robustness(BridgeTest):
 
     async def test_two_simultaneous_calls_never_cross(self):
@@ -1056,7 +1110,7 @@ class Robustness(BridgeTest):
             self.assertEqual(twilio.played()[1:], [audio(f"agent{i}", n, 300) for n in range(30)])
 
     async def test_malformed_messages_are_logged_once_and_the_call_goes_on(self):
-        """Garbage from Twilio or the agent gets one log line; audio keeps flowing."""
+        """Garbage, binary frames, missing fields, unknown Twilio events: one log line."""
         twilio, agent = await self.start_call(call_sid="CA" + "9" * 32)
         await twilio.ws.send("not json")
         await twilio.ws.send(b"\x00\x01")
@@ -1071,7 +1125,51 @@ class Robustness(BridgeTest):
         malformed = [line for line in self.log.lines if "malformed" in line]
         self.assertEqual(len(malformed), 1)
         await twilio.stop()
-        await self.log.wait_for(r"\[CA9{32}\] call ended .*; malformed messages 5; agent")
+        await self.log.wait_for(r"\[CA9{32}\] call ended .*; malformed messages 6; agent")
+
+    async def test_messages_before_start_get_one_line_and_the_call_still_starts(self):
+        """Garbage or media before Twilio's start is ignored with one log line."""
+        ws = await connect(f"ws://127.0.0.1:{self.port}/stream", compression=None)
+        twilio = TwilioStream(ws)
+        twilio.call_sid, twilio.stream_sid = "CA" + "1" * 32, "MZ" + "1" * 32
+        await ws.send("garbage")
+        await twilio.media(audio("early", 0))
+        await twilio.send({"event": "start", "start": {}})  # no callSid: not a valid start
+        await twilio.send({"event": "start", "streamSid": twilio.stream_sid, "start": {
+            "callSid": twilio.call_sid, "streamSid": twilio.stream_sid}})
+        agent = await self.agent.next_session()
+        await agent.wait_for(lambda a: a.of("type", "session.update"))
+        await self.log.wait_for("ignoring a Media Stream message sent before a valid start: "
+                                "'garbage'")
+        self.assertEqual(len([line for line in self.log.lines if "before a valid" in line]), 1)
+
+    async def test_oversized_message_ends_that_call_cleanly(self):
+        """A Twilio message over MAX_TWILIO_MESSAGE closes that stream (1009); the session ends."""
+        twilio, agent = await self.start_call(call_sid="CA" + "8" * 32)
+        await twilio.ws.send("x" * (bridge.MAX_TWILIO_MESSAGE + 1))
+        self.assertEqual(await twilio.closed(), 1009)
+        await agent.wait_for(lambda a: a.of("type", "session.end"))
+        await self.log.wait_for(r"^\[CA8{32}\] Twilio's stream closed: sent 1009 \(message "
+                                r"too big\)")
+
+    async def test_webhook_that_never_finishes_gets_408(self):
+        """A request whose body stops arriving gets 408 after HANDSHAKE_TIMEOUT."""
+        self.settings(HANDSHAKE_TIMEOUT=0.2)
+        server = await bridge.serve_bridge("127.0.0.1", 0)
+        self.addAsyncCleanup(server.wait_closed)
+        self.addCleanup(server.close)
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", server.sockets[0].getsockname()[1])
+        writer.write(b"POST /twiml HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nCallSid=")
+        response = await asyncio.wait_for(reader.read(), TIMEOUT)
+        writer.close()
+        self.assertTrue(response.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), response)
+
+    async def test_huge_request_head_gets_431(self):
+        """A request head over MAX_REQUEST_HEAD gets 431."""
+        status, _, _ = await self.http("GET", "/twiml", headers={
+            "X-Padding": "x" * bridge.MAX_REQUEST_HEAD})
+        self.assertEqual(status, 431)
 
 
 class OutboundCommand(unittest.IsolatedAsyncioTestCase):
