@@ -1010,7 +1010,7 @@ async def serve_calls(port: int) -> None:
         loop.add_signal_handler(signum, on_signal, stop)
     where = PUBLIC_URL or "https://<your ngrok host>"
     log.info("listening on port %d; set your Twilio number's voice webhook to %s/twiml",
-             server.sockets[0].getsockname()[1], where)
+             port, where)
     log_what_is_off()
     await stop.wait()
     await drain(server)
@@ -1054,8 +1054,8 @@ def main(argv: list[str]) -> None:
         raise SystemExit("usage: python bridge.py [call +15551234567]")
     if not ASSEMBLYAI_API_KEY:
         raise SystemExit("ASSEMBLYAI_API_KEY is not set: copy .env.example to .env and fill it in")
-    if not PORT.isdigit() or not 0 <= int(PORT) < 65536:
-        raise SystemExit(f"PORT={PORT} is not a port number (1-65535, or 0 for any free one)")
+    if not PORT.isdigit() or not 0 < int(PORT) < 65536:
+        raise SystemExit(f"PORT={PORT} is not a port number (1-65535)")
     for name, value in (("MAX_CALL_SECONDS", MAX_CALL_SECONDS), ("DRAIN_SECONDS", DRAIN_SECONDS)):
         if not re.fullmatch(r"\d+(\.\d*)?", value):
             raise SystemExit(f"{name}={value} is not a number of seconds")

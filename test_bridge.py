@@ -15,6 +15,8 @@ import json
 import logging
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -208,6 +210,51 @@ class FakeHTTP:
     async def stop(self):
         self.server.close()
         await self.server.wait_closed()
+
+
+class BridgeProcess:
+    """bridge.py run as a real process on a free port; its log lines are read as they come."""
+
+    @classmethod
+    async def start(cls, **env):
+        self = cls()
+        with socket.socket() as probe:  # a port that is free now, for the bridge to take
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, os.path.join(HERE, "bridge.py"), cwd=HERE,
+            env={**os.environ, "PORT": str(self.port), "LOG_LEVEL": "INFO",
+                 "TWILIO_AUTH_TOKEN": "",
+                 "TWILIO_ACCOUNT_SID": "", "TRANSFER_NUMBER": "", "PUBLIC_URL": "",
+                 "AGENT_VOICE": "", "ASSEMBLYAI_API_KEY": "test-key", **env},
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.lines: list[str] = []
+        self.changed = asyncio.Condition()
+        self.reader = asyncio.create_task(self.read())
+        await self.wait_for(f"listening on port {self.port}")
+        return self
+
+    async def read(self):
+        async for line in self.process.stderr:
+            async with self.changed:
+                self.lines.append(line.decode().rstrip())
+                self.changed.notify_all()
+
+    async def wait_for(self, pattern: str) -> str:
+        """Wait for a log line matching pattern, and return it."""
+        def found():
+            return next((line for line in self.lines if re.search(pattern, line)), None)
+        async with self.changed:
+            return await asyncio.wait_for(self.changed.wait_for(found), TIMEOUT)
+
+    async def exit_code(self) -> int:
+        return await asyncio.wait_for(self.process.wait(), TIMEOUT)
+
+    async def close(self):
+        if self.process.returncode is None:
+            self.process.kill()
+        await self.process.wait()
+        await self.reader
 
 
 class LogLines(logging.Handler):
@@ -1172,6 +1219,54 @@ class Robustness(BridgeTest):
         self.assertEqual(status, 431)
 
 
+class Redeploys(BridgeTest):
+    """SIGTERM or Ctrl-C: new calls are turned away, live ones finish, then the process exits."""
+
+    async def run_bridge(self, drain_seconds: float) -> BridgeProcess:
+        process = await BridgeProcess.start(VOICE_AGENT_URL=self.agent.url,
+                                            DRAIN_SECONDS=str(drain_seconds))
+        self.addAsyncCleanup(process.close)
+        self.port = process.port  # the calls below go to the process, not the test's server
+        return process
+
+    async def test_live_calls_finish_while_new_calls_get_503(self):
+        """After SIGTERM webhooks answer 503, the live call goes on, and its end ends the process."""
+        process = await self.run_bridge(drain_seconds=30)
+        twilio, agent = await self.start_call()
+        process.process.send_signal(signal.SIGTERM)
+        await process.wait_for("stopping: new calls are turned away")
+        self.assertEqual((await self.http("POST", "/twiml", form={"CallSid": "CA2"}))[0], 503)
+        self.assertEqual((await self.http("GET", "/health"))[0], 503)
+        await self.round_trip(twilio, agent)
+        voice = audio("still talking", 0, 300)
+        await agent.speak("reply_1", [voice])
+        await twilio.wait_for(lambda t: voice in t.played())
+        await twilio.stop()
+        await agent.wait_for(lambda a: a.of("type", "session.end"))
+        self.assertEqual(await process.exit_code(), 0)
+        await process.wait_for("stopped")
+
+    async def test_calls_still_live_after_drain_seconds_are_ended_cleanly(self):
+        """When DRAIN_SECONDS runs out, each agent session gets session.end; exit code 0."""
+        process = await self.run_bridge(drain_seconds=0.5)
+        twilio, agent = await self.start_call()
+        process.process.send_signal(signal.SIGTERM)
+        await agent.wait_for(lambda a: a.of("type", "session.end"))
+        self.assertEqual(await twilio.closed(), 1001)
+        self.assertEqual(await process.exit_code(), 0)
+        await process.wait_for("ending 1 calls still live after DRAIN_SECONDS")
+
+    async def test_second_signal_exits_at_once(self):
+        """Ctrl-C starts the drain; a second signal exits at once, with a non-zero code."""
+        process = await self.run_bridge(drain_seconds=30)
+        await self.start_call()
+        process.process.send_signal(signal.SIGINT)
+        await process.wait_for("stopping: new calls are turned away")
+        process.process.send_signal(signal.SIGTERM)
+        self.assertEqual(await process.exit_code(), 1)
+        await process.wait_for("second signal: exiting now, cutting off 1 live calls")
+
+
 class OutboundCommand(unittest.IsolatedAsyncioTestCase):
     """`python bridge.py call +1...` against a local fake of Twilio's Calls endpoint."""
 
@@ -1278,8 +1373,13 @@ class StartUp(unittest.IsolatedAsyncioTestCase):
     async def test_bad_port(self):
         """A PORT that is not a port number is named."""
         self.assertEqual(await self.serve(ASSEMBLYAI_API_KEY="k", PORT="eighty"),
-                         (1, "PORT=eighty is not a port number (1-65535, or 0 for any free "
-                             "one)\n"))
+                         (1, "PORT=eighty is not a port number (1-65535)\n"))
+
+    async def test_bad_seconds(self):
+        """A MAX_CALL_SECONDS or DRAIN_SECONDS that is not a number is named."""
+        self.assertEqual(await self.serve(ASSEMBLYAI_API_KEY="k", PORT="8080",
+                                          MAX_CALL_SECONDS="1h"),
+                         (1, "MAX_CALL_SECONDS=1h is not a number of seconds\n"))
 
     async def test_port_in_use(self):
         """A port another program holds is named, with what to do."""
