@@ -1156,6 +1156,36 @@ class Robustness(BridgeTest):
             self.assertEqual(agent.audio_in(), [audio(f"caller{i}", n) for n in range(30)])
             self.assertEqual(twilio.played()[1:], [audio(f"agent{i}", n, 300) for n in range(30)])
 
+    async def test_twenty_calls_at_once_each_get_all_and_only_their_own_audio(self):
+        """20 calls, one sending garbage, one losing its agent: every other frame arrives, in
+        order, on its own call only; the garbled call goes on and the lost agent comes back."""
+        self.settings(RETRY_DELAYS=(0, 0.01))
+        calls = [await self.start_call(call_sid=f"CA{n:032d}", tag=f"hello{n}")
+                 for n in range(20)]
+        noisy, lossy = 3, 7
+        for n in range(25):
+            if n == 10:
+                calls[lossy][1].ws.transport.abort()
+            for i, (twilio, agent) in enumerate(calls):
+                if i == noisy:
+                    await twilio.ws.send(b"\x00\xff binary")
+                    await twilio.ws.send('{"event": "media", "media": "not an object"}')
+                await twilio.media(audio(f"caller{i}", n))
+                if i != lossy or n < 10:
+                    await agent.send({"type": "reply.audio", "reply_id": "r",
+                                      "data": audio(f"agent{i}", n, 300)})
+        for i, (twilio, agent) in enumerate(calls):
+            if i == lossy:
+                continue
+            await agent.wait_for(lambda a: len(a.audio_in()) == 25)
+            await twilio.wait_for(lambda t: len(t.played()) == 26)
+            self.assertEqual(agent.audio_in(), [audio(f"caller{i}", n) for n in range(25)])
+            self.assertEqual(twilio.played()[1:], [audio(f"agent{i}", n, 300) for n in range(25)])
+        again = await self.agent.next_session()
+        await again.wait_for(lambda a: a.of("type", "session.resume"))
+        await again.send({"type": "session.ready", "session_id": f"sess_CA{lossy:032d}"})
+        await self.round_trip(calls[lossy][0], again)
+
     async def test_malformed_messages_are_logged_once_and_the_call_goes_on(self):
         """Garbage, binary frames, missing fields, unknown Twilio events: one log line."""
         twilio, agent = await self.start_call(call_sid="CA" + "9" * 32)
