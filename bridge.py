@@ -712,7 +712,7 @@ async def open_session(call: Call, delays: tuple) -> bool:
 
     Try once after each delay; a refused key is not tried again. Log why if it never opens.
     """
-    why = "its sessions kept closing before they were ready"
+    why = "the Voice Agent API kept closing new sessions before they were ready"
     for delay in delays:
         await asyncio.sleep(delay)
         try:

@@ -1070,6 +1070,21 @@ class AgentFailures(BridgeTest):
         await self.assert_apology(rest, twilio)
         self.assertEqual(len(self.agent.headers), 1 + 3)
 
+    async def test_sessions_that_keep_failing_are_not_retried_forever(self):
+        """After a drop, sessions that close before they are ready use up the retries."""
+        rest = await self.twilio_api(**{"CA" + "1" * 32: 200})
+        self.settings(RETRY_DELAYS=(0, 0.01, 0.01))
+        twilio, agent = await self.start_call()
+        await agent.ws.close(1011, "internal error")
+        for _ in range(3):
+            again = await self.agent.next_session()
+            await again.wait_for(lambda a: a.received)
+            await again.ws.close(1011, "internal error")
+        await self.assert_apology(rest, twilio)
+        self.assertEqual(len(self.agent.headers), 1 + 3)
+        await self.log.wait_for("the Voice Agent API kept closing new sessions before they "
+                                "were ready")
+
     async def test_without_credentials_the_stream_is_closed_and_the_log_says_why(self):
         """No Twilio credentials: no spoken apology, the call still ends, the log says why."""
         await self.agent.stop()
