@@ -41,6 +41,7 @@ from websockets.http11 import Request, Response
 
 load_dotenv()
 
+
 # --------------------------------------------------------------------------- settings
 
 ASSEMBLYAI_API_KEY = os.environ.get("ASSEMBLYAI_API_KEY", "")  # required to serve calls
@@ -49,9 +50,8 @@ PORT = os.environ.get("PORT") or "8080"  # the one port for webhooks and Media S
 PUBLIC_URL = os.environ.get("PUBLIC_URL", "").rstrip("/")  # https://abc.ngrok.app; unset: Host
 AGENT_VOICE = os.environ.get("AGENT_VOICE", "")  # lowercase voice name; unset: server default
 TRANSFER_NUMBER = os.environ.get("TRANSFER_NUMBER", "")  # +15551234567: agent may transfer
-TWILIO_ACCOUNT_SID = os.environ.get("TWILIO_ACCOUNT_SID", "")  # for Twilio's REST API: outbound
-TWILIO_AUTH_TOKEN = os.environ.get("TWILIO_AUTH_TOKEN", "")  # calls, transfers, apologies; and
-#   set, it also checks that every webhook and Media Stream really comes from Twilio
+TWILIO_ACCOUNT_SID = os.environ.get("TWILIO_ACCOUNT_SID", "")  # REST API: calls, transfers...
+TWILIO_AUTH_TOKEN = os.environ.get("TWILIO_AUTH_TOKEN", "")  # also turns on signature checks
 TWILIO_PHONE_NUMBER = os.environ.get("TWILIO_PHONE_NUMBER", "")  # caller ID for outbound calls
 TWILIO_API_URL = os.environ.get("TWILIO_API_URL") or "https://api.twilio.com"
 MAX_CALL_SECONDS = os.environ.get("MAX_CALL_SECONDS") or "3600"  # then the bridge hangs up
@@ -74,6 +74,7 @@ TWILIO_API_TIMEOUT = 10  # seconds for one request to Twilio's REST API
 log = logging.getLogger("bridge")
 live_calls: set[asyncio.Task] = set()  # the media_stream task of every call in progress
 draining = False  # set on SIGTERM or Ctrl-C: new calls are turned away, live ones finish
+
 
 # --------------------------------------------------------------------------- the agent
 
@@ -156,6 +157,7 @@ ERROR_HINTS = {
 RETRYABLE_ERRORS = {"at_capacity", "concurrency_exceeded", "internal_error", "server_error",
                     "session_not_found", "session_forbidden"}
 
+
 # --------------------------------------------------------------------------- the two protocols
 # Small pure functions that build each message one side sends to the other. The two audio
 # messages go out 50 times a second each way on every call, so they are put together around
@@ -164,7 +166,7 @@ RETRYABLE_ERRORS = {"at_capacity", "concurrency_exceeded", "internal_error", "se
 
 def offered_tools() -> dict:
     """The tools the agent may use: transfer_call only if there is somewhere to transfer to."""
-    can_transfer = bool(TRANSFER_NUMBER and TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN)
+    can_transfer = bool(TRANSFER_NUMBER) and twilio_credentials()
     return {name: tool for name, tool in TOOLS.items()
             if name != "transfer_call" or can_transfer}
 
@@ -241,6 +243,7 @@ def say_twiml(words: str) -> str:
     """Say something in Twilio's voice, then hang up."""
     return twiml(f"<Say>{escape(words)}</Say><Hangup/>")
 
+
 # --------------------------------------------------------------------------- Twilio's REST API
 
 
@@ -274,6 +277,7 @@ def twilio_error(error: urllib.error.HTTPError) -> str:
     hint = " (check TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN)" if error.code == 401 else ""
     return (words or f"HTTP {error.code}") + hint
 
+
 # --------------------------------------------------------------------------- one call
 
 
@@ -301,8 +305,8 @@ class Call:
     replies: int = 0  # replies started so far, to name any the server leaves unnamed
     interrupted: set[str] = field(default_factory=set)  # replies whose late audio we drop
     last_event: str = ""  # latest of reply.started, input.speech.started, reply.done
-    results: list[tuple[str, str | None]] = field(default_factory=list)  # tool.result
-    #   messages waiting to go, each with its tool's "then" (see TOOLS)
+    # tool.result messages waiting to be sent, each with its tool's "then" (see TOOLS)
+    results: list[tuple[str, str | None]] = field(default_factory=list)
     last_words: asyncio.Queue | None = None  # turn events, while the last words play
     over: asyncio.Event = field(default_factory=asyncio.Event)  # set to end the call
     tasks: set[asyncio.Task] = field(default_factory=set)  # tools and waits still running
@@ -545,6 +549,8 @@ async def after_last_words(call: Call, action) -> None:
     except CallGoesOn:
         call.log.info("the caller spoke over the agent's last words: the call goes on")
         return
+    except ConnectionClosed:
+        return  # the caller hung up first
     except TimeoutError:
         call.log.warning("Twilio did not confirm the last words played within %g s: going "
                          "ahead", MARK_TIMEOUT)
@@ -601,70 +607,6 @@ async def apologize(call: Call) -> None:
 
 
 # --- the call itself
-
-
-async def relay(call: Call, source, handlers: dict, key: str, sender: str) -> None:
-    """Hand every event from one side to its handler, until that side ends the call."""
-    with suppress(ConnectionClosed):  # the source's socket closing ends this relay
-        async for message in source:
-            event = parse_event(call, message, sender)
-            handler = handlers.get(event.get(key)) if event else None
-            if handler is None:
-                # The agent's events grow in number over time and we use only some: skip the
-                # rest. Twilio's are few and fixed: any other one is a mistake worth a line.
-                if event and sender == "Twilio":
-                    note_malformed(call, sender, f"unknown event {event.get(key)!r}")
-                continue
-            try:
-                if await handler(call, event):
-                    return
-            except ConnectionClosed:
-                pass  # the other side's socket closed: its own relay deals with that
-            except (KeyError, TypeError, AttributeError) as exc:
-                note_malformed(call, sender, f"{event[key]}: {type(exc).__name__} {exc}")
-
-
-async def caller_to_agent(call: Call) -> None:
-    """Relay the caller's side until Twilio stops the stream or its socket closes."""
-    await relay(call, call.twilio, TWILIO_EVENTS, "event", "Twilio")
-    if call.twilio.close_code not in (None, 1000, 1005):  # 1005: closed without a code
-        call.log.warning("Twilio's stream closed: %s", call.twilio.protocol.close_exc)
-
-
-async def agent_to_caller(call: Call) -> None:
-    """Relay the agent's side; if its socket drops, get the session back or apologize."""
-    tries = 0  # connections in a row that closed before their session was ready
-    while True:
-        await relay(call, call.agent, AGENT_EVENTS, "type", "the agent")
-        if call.session_over:
-            return  # the agent ended the session: the call hangs up
-        tries = 0 if call.ready else tries + 1
-        call.ready = False  # the caller's audio is dropped, not queued, until a session is back
-        code, reason = call.agent.close_code, call.agent.close_reason
-        call.log.warning("the Voice Agent API closed the connection: %s %s", code, reason)
-        refused = code == 1008 and call.error not in RETRYABLE_ERRORS  # the key, the voice...
-        if refused or not await open_session(call, RETRY_DELAYS[tries:]):
-            await apologize(call)
-            return
-        call.reconnects += 1
-
-
-async def converse(call: Call) -> None:
-    """Relay both ways until the call ends, however it ends; leave nothing running."""
-    tasks = {asyncio.create_task(caller_to_agent(call)), asyncio.create_task(agent_to_caller(call)),
-             asyncio.create_task(call.over.wait())}
-    try:
-        done, _ = await asyncio.wait(tasks, timeout=float(MAX_CALL_SECONDS),
-                                     return_when=asyncio.FIRST_COMPLETED)
-        if not done:  # so that a stuck call cannot run up the bill for hours
-            call.log.warning("the call reached MAX_CALL_SECONDS (%s s): hanging up",
-                             MAX_CALL_SECONDS)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.wait(tasks)
-    for task in done:
-        task.result()  # a bug in a handler surfaces here, so websockets logs it
 
 
 async def wait_for_start(twilio: ServerConnection) -> Call | None:
@@ -732,6 +674,71 @@ async def open_session(call: Call, delays: tuple) -> bool:
         return True
     call.log.error("%s", why)
     return False
+
+
+async def relay(call: Call, source, handlers: dict, key: str, sender: str) -> None:
+    """Hand every event from one side to its handler, until that side ends the call."""
+    with suppress(ConnectionClosed):  # the source's socket closing ends this relay
+        async for message in source:
+            event = parse_event(call, message, sender)
+            handler = handlers.get(event.get(key)) if event else None
+            if handler is None:
+                # The agent's events grow in number over time and we use only some: skip the
+                # rest. Twilio's are few and fixed: any other one is a mistake worth a line.
+                if event and sender == "Twilio":
+                    note_malformed(call, sender, f"unknown event {event.get(key)!r}")
+                continue
+            try:
+                if await handler(call, event):
+                    return
+            except ConnectionClosed:
+                pass  # the other side's socket closed: its own relay deals with that
+            except (KeyError, TypeError, AttributeError) as exc:
+                note_malformed(call, sender, f"{event[key]}: {type(exc).__name__} {exc}")
+
+
+async def caller_to_agent(call: Call) -> None:
+    """Relay the caller's side until Twilio stops the stream or its socket closes."""
+    await relay(call, call.twilio, TWILIO_EVENTS, "event", "Twilio")
+    if call.twilio.close_code not in (None, 1000, 1005):  # 1005: closed without a code
+        call.log.warning("Twilio's stream closed: %s", call.twilio.protocol.close_exc)
+
+
+async def agent_to_caller(call: Call) -> None:
+    """Relay the agent's side; if its socket drops, get the session back or apologize."""
+    tries = 0  # connections in a row that closed before their session was ready
+    while True:
+        await relay(call, call.agent, AGENT_EVENTS, "type", "the agent")
+        if call.session_over:
+            return  # the agent ended the session: the call hangs up
+        tries = 0 if call.ready else tries + 1
+        call.ready = False  # the caller's audio is dropped, not queued, until a session is back
+        code, reason = call.agent.close_code, call.agent.close_reason
+        call.log.warning("the Voice Agent API closed the connection: %s %s", code, reason)
+        refused = code == 1008 and call.error not in RETRYABLE_ERRORS  # the key, the voice...
+        if refused or not await open_session(call, RETRY_DELAYS[tries:]):
+            await apologize(call)
+            return
+        call.reconnects += 1
+
+
+async def converse(call: Call) -> None:
+    """Relay both ways until the call ends, however it ends; leave nothing running."""
+    tasks = {asyncio.create_task(caller_to_agent(call)),
+             asyncio.create_task(agent_to_caller(call)),
+             asyncio.create_task(call.over.wait())}  # the bridge ends it: goodbye, transfer
+    try:
+        done, _ = await asyncio.wait(tasks, timeout=float(MAX_CALL_SECONDS),
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if not done:  # so that a stuck call cannot run up the bill for hours
+            call.log.warning("the call reached MAX_CALL_SECONDS (%s s): hanging up",
+                             MAX_CALL_SECONDS)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+    for task in done:
+        task.result()  # a bug in a handler surfaces here, so websockets logs it
 
 
 async def end_session(call: Call) -> None:

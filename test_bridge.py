@@ -1275,7 +1275,8 @@ class Redeploys(BridgeTest):
         return process
 
     async def test_live_calls_finish_while_new_calls_get_503(self):
-        """After SIGTERM webhooks answer 503, the live call goes on, and its end ends the process."""
+        """After SIGTERM webhooks answer 503, the live call goes on; when it ends, so does the
+        process, with exit code 0."""
         process = await self.run_bridge(drain_seconds=30)
         twilio, agent = await self.start_call()
         process.process.send_signal(signal.SIGTERM)
