@@ -891,11 +891,15 @@ def twilio_signature(url: str, form: list[tuple[str, str]]) -> str:
 
 def urls_twilio_may_sign(url: str) -> set[str]:
     """url, with and without its default port: Twilio's own libraries accept both."""
-    parts = urllib.parse.urlsplit(url)
-    host = parts.netloc.rsplit(":", 1)[0] if parts.port else parts.netloc
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:  # a Host header no URL can have: not from Twilio
+        return set()
+    host = parts.netloc.rsplit(":", 1)[0] if port else parts.netloc
     default_port = 80 if parts.scheme == "http" else 443
     return {parts._replace(netloc=host).geturl(),
-            parts._replace(netloc=f"{host}:{parts.port or default_port}").geturl()}
+            parts._replace(netloc=f"{host}:{port or default_port}").geturl()}
 
 
 def signed_by_twilio(connection: WebhookConnection, request: Request, stream: bool) -> bool:

@@ -578,6 +578,15 @@ class Signatures(BridgeTest):
                 await twilio.stop()
                 await agent.closed()
 
+    async def test_hostile_host_header_is_refused_without_a_traceback(self):
+        """A Host header no real request has gets 403, not a server error."""
+        for host in ("abc.ngrok.app:notaport", "[::1", ""):
+            with self.subTest(host=host):
+                status, _, _ = await self.http("POST", "/twiml", form={"CallSid": "CA1"},
+                                               headers={"Host": host,
+                                                        "X-Twilio-Signature": "x"})
+                self.assertEqual(status, 403)
+
     async def test_health_needs_no_signature(self):
         """A load balancer's health check is not signed, and still gets 200."""
         self.assertEqual((await self.http("GET", "/health"))[0], 200)
