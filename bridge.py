@@ -67,6 +67,7 @@ START_TIMEOUT = 10  # seconds for Twilio's `start` message after the stream open
 AGENT_OPEN_TIMEOUT = 5  # seconds to open the Voice Agent API WebSocket, each try
 FIRST_TRIES = (0, 0.5)  # seconds to wait before each try to open a call's agent session
 RETRY_DELAYS = (0, 0.5, 1, 2, 4)  # seconds before each try to get a dropped session back
+RECONNECT_SECONDS = 10  # at most this long trying, before the caller hears an apology
 REPLY_WAIT = 5  # seconds for the agent to start its last words after end_call or transfer_call
 MARK_TIMEOUT = 10  # seconds for Twilio to say the last words have played before acting anyway
 TWILIO_API_TIMEOUT = 10  # seconds for one request to Twilio's REST API
@@ -716,10 +717,21 @@ async def agent_to_caller(call: Call) -> None:
         code, reason = call.agent.close_code, call.agent.close_reason
         call.log.warning("the Voice Agent API closed the connection: %s %s", code, reason)
         refused = code == 1008 and call.error not in RETRYABLE_ERRORS  # the key, the voice...
-        if refused or not await open_session(call, RETRY_DELAYS[tries:]):
+        if refused or not await reopen_session(call, RETRY_DELAYS[tries:]):
             await apologize(call)
             return
         call.reconnects += 1
+
+
+async def reopen_session(call: Call, delays: tuple) -> bool:
+    """Open the call's session again after a drop, for at most RECONNECT_SECONDS."""
+    try:
+        async with asyncio.timeout(RECONNECT_SECONDS):
+            return await open_session(call, delays)
+    except TimeoutError:
+        call.log.error("could not reach the Voice Agent API again within %g s",
+                       RECONNECT_SECONDS)
+        return False
 
 
 async def converse(call: Call) -> None:

@@ -1094,6 +1094,19 @@ class AgentFailures(BridgeTest):
         await self.log.wait_for("the Voice Agent API kept closing new sessions before they "
                                 "were ready")
 
+    async def test_agent_that_stops_answering_gets_an_apology_within_reconnect_seconds(self):
+        """If reconnecting hangs (a network black hole), the apology comes in bounded time."""
+        rest = await self.twilio_api(**{"CA" + "1" * 32: 200})
+        black_hole = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
+        self.addAsyncCleanup(black_hole.wait_closed)
+        self.addCleanup(black_hole.close)
+        self.settings(RECONNECT_SECONDS=0.3)
+        twilio, agent = await self.start_call()
+        self.settings(VOICE_AGENT_URL=f"ws://127.0.0.1:{black_hole.sockets[0].getsockname()[1]}")
+        agent.ws.transport.abort()
+        await self.assert_apology(rest, twilio)
+        await self.log.wait_for("could not reach the Voice Agent API again within 0.3 s")
+
     async def test_without_credentials_the_stream_is_closed_and_the_log_says_why(self):
         """No Twilio credentials: no spoken apology, the call still ends, the log says why."""
         await self.agent.stop()
