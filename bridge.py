@@ -1030,7 +1030,8 @@ async def serve_calls(port: int) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, stop)
+        with suppress(NotImplementedError):  # Windows has no such handlers: Ctrl-C stops at once
+            loop.add_signal_handler(signum, on_signal, stop)
     where = PUBLIC_URL or "https://<your ngrok host>"
     log.info("listening on port %d; set your Twilio number's voice webhook to %s/twiml",
              port, where)
@@ -1053,9 +1054,10 @@ async def drain(server) -> None:
     draining = True  # webhooks answer 503 from now on, so Twilio tries its fallback URL
     log.info("stopping: new calls are turned away; waiting up to %s s for %d live calls to "
              "end (a second signal stops at once)", DRAIN_SECONDS, len(live_calls))
-    deadline = asyncio.get_running_loop().time() + float(DRAIN_SECONDS)
-    while live_calls and (left := deadline - asyncio.get_running_loop().time()) > 0:
-        await asyncio.wait(set(live_calls), timeout=left)
+    clock = asyncio.get_running_loop().time
+    deadline = clock() + float(DRAIN_SECONDS)
+    while live_calls and clock() < deadline:  # calls that start meanwhile are waited for too
+        await asyncio.wait(set(live_calls), timeout=deadline - clock())
     if live_calls:
         log.warning("ending %d calls still live after DRAIN_SECONDS", len(live_calls))
     server.close()  # closes their streams: each call ends its agent session and hangs up
@@ -1084,7 +1086,10 @@ def main(argv: list[str]) -> None:
             raise SystemExit(f"{name}={value} is not a number of seconds")
     if PUBLIC_URL and not PUBLIC_URL.startswith(("https://", "http://")):
         raise SystemExit(f"PUBLIC_URL={PUBLIC_URL} must start with https://")
-    asyncio.run(serve_calls(int(PORT)))
+    try:
+        asyncio.run(serve_calls(int(PORT)))
+    except KeyboardInterrupt:  # only where signal handlers are missing (Windows)
+        raise SystemExit("stopped by Ctrl-C") from None
 
 
 if __name__ == "__main__":
