@@ -319,7 +319,8 @@ class BridgeTest(unittest.IsolatedAsyncioTestCase):
         self.addAsyncCleanup(self.agent.stop)
         self.settings(VOICE_AGENT_URL=self.agent.url, ASSEMBLYAI_API_KEY="test-key",
                       PUBLIC_URL="", AGENT_VOICE="", TRANSFER_NUMBER="", TWILIO_ACCOUNT_SID="",
-                      TWILIO_AUTH_TOKEN="", TWILIO_API_URL="http://127.0.0.1:9")
+                      TWILIO_AUTH_TOKEN="", TWILIO_API_URL="http://127.0.0.1:9",
+                      MAX_CALL_SECONDS="3600")
         self.log = LogLines()
         bridge.log.addHandler(self.log)
         bridge.log.setLevel(logging.INFO)
