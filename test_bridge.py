@@ -226,7 +226,8 @@ class BridgeProcess:
             env={**os.environ, "PORT": str(self.port), "LOG_LEVEL": "INFO",
                  "TWILIO_AUTH_TOKEN": "",
                  "TWILIO_ACCOUNT_SID": "", "TRANSFER_NUMBER": "", "PUBLIC_URL": "",
-                 "AGENT_VOICE": "", "ASSEMBLYAI_API_KEY": "test-key", **env},
+                 "AGENT_VOICE": "", "ASSEMBLYAI_API_KEY": "test-key", "MAX_CALL_SECONDS": "3600",
+                 **env},
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.lines: list[str] = []
         self.changed = asyncio.Condition()
