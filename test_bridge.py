@@ -138,7 +138,7 @@ class TwilioStream(Peer):
 
     @classmethod
     async def open(cls, port: int, path: str = "/stream", call_sid: str = "CA" + "1" * 32,
-                   headers: dict | None = None):
+                   headers: dict | None = None, parameters: dict | None = None):
         """Open a Media Stream as Twilio does, signed if the bridge has TWILIO_AUTH_TOKEN."""
         if bridge.TWILIO_AUTH_TOKEN and headers is None:
             headers = {"X-Twilio-Signature": signature(
@@ -152,8 +152,14 @@ class TwilioStream(Peer):
                                      "streamSid": stream.stream_sid, "tracks": ["inbound"],
                                      "mediaFormat": {"encoding": "audio/x-mulaw",
                                                      "sampleRate": 8000, "channels": 1},
-                                     "customParameters": {}}})
+                                     "customParameters": parameters or {}}})
         return stream
+
+    async def press(self, keys: str):
+        """The caller presses keys on the phone's keypad, one dtmf event each."""
+        for key in keys:
+            await self.send({"event": "dtmf", "streamSid": self.stream_sid, "sequenceNumber": "5",
+                             "dtmf": {"track": "inbound_track", "digit": key}})
 
     async def media(self, payload: str):
         await self.send({"event": "media", "streamSid": self.stream_sid,
@@ -227,6 +233,7 @@ class BridgeProcess:
                  "TWILIO_AUTH_TOKEN": "",
                  "TWILIO_ACCOUNT_SID": "", "TRANSFER_NUMBER": "", "PUBLIC_URL": "",
                  "AGENT_VOICE": "", "ASSEMBLYAI_API_KEY": "test-key", "MAX_CALL_SECONDS": "3600",
+                 "SILENCE_SECONDS": "0",
                  **env},
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.lines: list[str] = []
@@ -321,7 +328,8 @@ class BridgeTest(unittest.IsolatedAsyncioTestCase):
         self.settings(VOICE_AGENT_URL=self.agent.url, ASSEMBLYAI_API_KEY="test-key",
                       PUBLIC_URL="", AGENT_VOICE="", TRANSFER_NUMBER="", TWILIO_ACCOUNT_SID="",
                       TWILIO_AUTH_TOKEN="", TWILIO_API_URL="http://127.0.0.1:9",
-                      MAX_CALL_SECONDS="3600")
+                      MAX_CALL_SECONDS="3600", SILENCE_SECONDS="0")
+        self.agents(voice="")  # whatever AGENT_VOICE a developer's .env sets
         self.log = LogLines()
         bridge.log.addHandler(self.log)
         bridge.log.setLevel(logging.INFO)
@@ -339,6 +347,13 @@ class BridgeTest(unittest.IsolatedAsyncioTestCase):
         patcher.start()
         self.addCleanup(patcher.stop)
 
+    def agents(self, number: str = "default", **entry):
+        """Change (or add) one AGENTS entry, for this test only."""
+        patcher = mock.patch.dict(bridge.AGENTS, {number: {**bridge.AGENTS.get(number, {}),
+                                                          **entry}})
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
     def tool(self, name: str, function):
         """Offer the agent one more tool, for this test only."""
         patcher = mock.patch.dict(bridge.TOOLS, {name: {
@@ -346,6 +361,7 @@ class BridgeTest(unittest.IsolatedAsyncioTestCase):
             "function": function}})
         patcher.start()
         self.addCleanup(patcher.stop)
+        self.agents(tools=[*bridge.AGENTS["default"]["tools"], name])
 
     async def http(self, method, path, **kwargs):
         return await asyncio.to_thread(http_request, self.port, method, path, **kwargs)
@@ -398,8 +414,12 @@ class Webhooks(BridgeTest):
                   "AccountSid": "AC" + "0" * 32, "CallStatus": "ringing", "Direction": "inbound"})
         self.assertEqual((status, content_type), (200, "text/xml"))
         self.assertEqual(body, '<?xml version="1.0" encoding="UTF-8"?>\n<Response><Connect>'
-                               '<Stream url="wss://abc.ngrok.app/stream"/></Connect><Hangup/>'
-                               "</Response>")
+                               '<Stream url="wss://abc.ngrok.app/stream">'
+                               '<Parameter name="From" value="+15550001111"/>'
+                               '<Parameter name="To" value="+15552223333"/>'
+                               '<Parameter name="Direction" value="inbound"/>'
+                               f'<Parameter name="CallSid" value="CA{"2" * 32}"/>'
+                               "</Stream></Connect><Hangup/></Response>")
         await self.log.wait_for(r"\[CA2{32}\] inbound call from \+15550001111 to \+15552223333")
 
     async def test_get_gets_the_same_twiml(self):
@@ -407,7 +427,8 @@ class Webhooks(BridgeTest):
         status, _, body = await self.http("GET", "/twiml?CallSid=CA" + "3" * 32 + "&From=%2B1555",
                                           headers={"Host": "abc.ngrok.app"})
         self.assertEqual(status, 200)
-        self.assertIn('<Stream url="wss://abc.ngrok.app/stream"/>', body)
+        self.assertIn('<Stream url="wss://abc.ngrok.app/stream"><Parameter name="From" '
+                      'value="+1555"/>', body)
         await self.log.wait_for(r"\[CA3{32}\] incoming call from \+1555")
 
     async def test_public_url_wins_over_host(self):
@@ -415,7 +436,7 @@ class Webhooks(BridgeTest):
         self.settings(PUBLIC_URL="https://bridge.example.com")
         _, _, body = await self.http("POST", "/twiml", form={"CallSid": "CA1"},
                                      headers={"Host": "internal:8080"})
-        self.assertIn('<Stream url="wss://bridge.example.com/stream"/>', body)
+        self.assertIn('<Stream url="wss://bridge.example.com/stream">', body)
 
     async def test_outbound_twiml_points_at_the_outbound_stream(self):
         """POST and GET /outbound-twiml stream to /outbound-stream."""
@@ -423,7 +444,7 @@ class Webhooks(BridgeTest):
         posted = await self.http("POST", "/outbound-twiml", form={"CallSid": "CA1"}, headers=host)
         fetched = await self.http("GET", "/outbound-twiml?CallSid=CA1", headers=host)
         for _, _, body in (posted, fetched):
-            self.assertIn('<Stream url="wss://abc.ngrok.app/outbound-stream"/>', body)
+            self.assertIn('<Stream url="wss://abc.ngrok.app/outbound-stream">', body)
 
     async def test_host_header_cannot_inject_twiml(self):
         """A hostile Host header is escaped inside the TwiML attribute."""
@@ -465,7 +486,8 @@ class Webhooks(BridgeTest):
         response = await asyncio.wait_for(reader.read(), TIMEOUT)
         writer.close()
         self.assertTrue(response.startswith(b"HTTP/1.1 200 OK\r\n"))
-        self.assertIn(b'<Stream url="wss://abc.ngrok.app/stream"/>', response)
+        self.assertIn(b'<Stream url="wss://abc.ngrok.app/stream"><Parameter name="From" '
+                      b'value="+15550001111"/>', response)
         await self.log.wait_for(r"\[CAb{32}\] inbound call from \+15550001111")
 
     async def test_chunked_body_is_refused_with_411(self):
@@ -612,10 +634,11 @@ class Calls(BridgeTest):
         tools = update["session"].pop("tools")
         self.assertEqual(update, {"type": "session.update", "session": {
             "system_prompt": bridge.SYSTEM_PROMPT,
-            "greeting": bridge.GREETINGS["/stream"],
+            "greeting": "Hi, thanks for calling! How can I help you today?",
             "input": {"format": {"encoding": "audio/pcmu"}},
             "output": {"format": {"encoding": "audio/pcmu"}}}})
-        self.assertEqual([tool["name"] for tool in tools], ["generate_random_number", "end_call"])
+        self.assertEqual([tool["name"] for tool in tools],
+                         ["generate_random_number", "look_up_caller", "end_call"])
         self.assertEqual(tools[0], {
             "type": "function", "name": "generate_random_number",
             "description": "Generate a random whole number between min and max, inclusive.",
@@ -625,12 +648,13 @@ class Calls(BridgeTest):
                 "required": ["min", "max"]}})
 
     async def test_outbound_calls_get_their_own_greeting_and_the_voice(self):
-        """An outbound stream gets the outbound greeting; AGENT_VOICE goes in output.voice."""
-        self.settings(AGENT_VOICE="river")
+        """An outbound stream gets the outbound greeting; the agent's voice goes in output.voice."""
+        self.agents(voice="river")
         await TwilioStream.open(self.port, "/outbound-stream")
         agent = await self.agent.next_session()
         update = (await agent.wait_for(lambda a: a.of("type", "session.update")))[0]["session"]
-        self.assertEqual(update["greeting"], bridge.GREETINGS["/outbound-stream"])
+        self.assertEqual(update["greeting"], "Hi, this is your AI assistant calling. Do you "
+                                             "have a minute?")
         self.assertEqual(update["output"], {"format": {"encoding": "audio/pcmu"}, "voice": "river"})
 
     async def test_audio_passes_through_byte_identical_in_order(self):
@@ -657,9 +681,8 @@ class Calls(BridgeTest):
             await twilio.media(audio("early", n))
         # The bridge handles Twilio's messages in order: once it has logged the key press,
         # it has handled the early audio too.
-        await twilio.send({"event": "dtmf", "streamSid": twilio.stream_sid,
-                           "dtmf": {"track": "inbound_track", "digit": "5"}})
-        await self.log.wait_for("caller pressed 5")
+        await twilio.press("#")
+        await self.log.wait_for("the caller pressed 1 key$")
         await agent.send({"type": "session.ready", "session_id": "sess_1"})
         await agent.speak("reply_greeting", [audio("greeting", 0)])
         await twilio.wait_for(lambda t: t.played())
@@ -813,8 +836,8 @@ class HangUps(BridgeTest):
         self.assertEqual(await agent.closed(), 1000)
         await self.log.wait_for(r"^\[CA6{32}\] Twilio stopped the stream")
         await self.log.wait_for(r"^\[CA6{32}\] call ended after [\d.]+ s: audio frames 0 in, "
-                                r"2 out; barge-ins 0; tool calls 1; malformed messages 0; "
-                                r"agent reconnects 0$")
+                                r"2 out; barge-ins 0; tool calls 1; keypad entries 0; silence "
+                                r"nudges 0; malformed messages 0; agent reconnects 0$")
         self.assertEqual(await twilio.closed(), 1000)
         leftovers = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ in
                      ("run_tool", "relay", "media_stream")]
@@ -1048,7 +1071,7 @@ class AgentFailures(BridgeTest):
     async def test_bad_voice_gets_an_apology_and_names_the_setting(self):
         """An invalid_value on the voice, then 1008: apology; the log names AGENT_VOICE."""
         rest = await self.twilio_api(**{"CA" + "1" * 32: 200})
-        self.settings(AGENT_VOICE="Ivy")
+        self.agents(voice="Ivy")
         twilio = await TwilioStream.open(self.port)
         agent = await self.agent.next_session()
         await agent.send({"type": "session.error", "code": "invalid_value",
@@ -1132,9 +1155,8 @@ class AgentReconnects(BridgeTest):
         self.assertEqual(first, {"type": "session.resume", "session_id": "sess_CA" + "7" * 32})
         for n in range(5):
             await twilio.media(audio("gap", n))
-        await twilio.send({"event": "dtmf", "streamSid": twilio.stream_sid,
-                           "dtmf": {"track": "inbound_track", "digit": "9"}})
-        await self.log.wait_for("caller pressed 9")  # so the gap audio has been handled
+        await twilio.press("#")
+        await self.log.wait_for("the caller pressed 1 key$")  # so the gap audio was handled
         await again.send({"type": "session.ready", "session_id": "sess_CA" + "7" * 32})
         await self.log.wait_for(r"^\[CA7{32}\] agent session sess_CA7{32} resumed$")
         await self.round_trip(twilio, again, tag="after")
@@ -1370,7 +1392,7 @@ class OutboundCommand(unittest.IsolatedAsyncioTestCase):
         """A Twilio error answer becomes one line with its code and message."""
         self.twilio.answers[self.CALLS] = (400, {
             "code": 21211, "message": "Invalid 'To' Phone Number", "status": 400})
-        code, _, err = await self.run_bridge("call", "+1")
+        code, _, err = await self.run_bridge("call", "+15005550001")
         self.assertEqual((code, err), (1, "Twilio refused the call: 21211 Invalid 'To' Phone "
                                           "Number\n"))
 
@@ -1400,13 +1422,13 @@ class OutboundCommand(unittest.IsolatedAsyncioTestCase):
             TWILIO_API_URL=self.twilio.url, TWILIO_ACCOUNT_SID="AC" + "0" * 32,
             TWILIO_AUTH_TOKEN="secret", TWILIO_PHONE_NUMBER="+15550009999")
         with settings:
-            sid = await asyncio.to_thread(bridge.place_call, "+15551234567")
+            sid = await asyncio.to_thread(bridge.call_from_command_line, "+15551234567", [])
             self.assertEqual(sid, "CA" + "f" * 32)
             self.assertEqual(self.twilio.requests[0]["form"]["Url"],
                              ["https://abc.ngrok.app/outbound-twiml"])
             bridge.NGROK_API = self.twilio.url + "/no-tunnels-here"
             with self.assertRaises(SystemExit) as failed:
-                await asyncio.to_thread(bridge.place_call, "+15551234567")
+                await asyncio.to_thread(bridge.call_from_command_line, "+15551234567", [])
         self.assertEqual(str(failed.exception), "cannot place a call: set PUBLIC_URL, or start "
                                                 "ngrok (ngrok http 8080)")
 
