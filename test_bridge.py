@@ -1251,6 +1251,139 @@ class EndingCalls(BridgeTest):
         await self.log.wait_for("TRANSFER_NUMBER is not set: the agent cannot transfer calls")
 
 
+class Keypad(BridgeTest):
+    """Keys the caller presses reach the agent as one entry, once the agent is not speaking."""
+
+    def steers(self, agent: AgentSession) -> list[str]:
+        return [m["instructions"] for m in agent.of("type", "reply.create")]
+
+    async def test_an_entry_ended_by_hash_is_one_reply_create(self):
+        """1234#: one reply.create naming the keys; INFO logs only how many, DEBUG the keys."""
+        bridge.log.setLevel(logging.DEBUG)
+        twilio, agent = await self.start_call(call_sid="CA" + "a" * 32)
+        await twilio.press("1234#")
+        await agent.wait_for(lambda a: a.of("type", "reply.create"))
+        self.assertEqual(self.steers(agent),
+                         ["The caller pressed these keys on their phone keypad: 1234#"])
+        await self.log.wait_for(r"^\[CAa{32}\] the caller pressed 5 keys$")
+        logged = list(zip(self.log.levels, self.log.lines))
+        self.assertIn(("DEBUG", f"[CA{'a' * 32}] the keys: 1234#"), logged)
+        self.assertEqual([line for level, line in logged if "1234" in line and level != "DEBUG"],
+                         [])
+
+    async def test_an_entry_also_ends_after_a_pause(self):
+        """Without #, the entry ends KEYPAD_PAUSE after the last key."""
+        self.settings(KEYPAD_PAUSE=0.2)
+        twilio, agent = await self.start_call()
+        await twilio.press("4")
+        await twilio.press("2")
+        pressed = asyncio.get_running_loop().time()
+        await agent.wait_for(lambda a: a.of("type", "reply.create"))
+        self.assertGreaterEqual(asyncio.get_running_loop().time() - pressed, 0.2)
+        self.assertEqual(self.steers(agent),
+                         ["The caller pressed these keys on their phone keypad: 42"])
+
+    async def test_an_entry_waits_while_the_agent_speaks(self):
+        """Keys pressed during a reply, or before the greeting is done, wait for reply.done."""
+        twilio = await TwilioStream.open(self.port)
+        agent = await self.agent.next_session()
+        await twilio.press("1#")  # before the session is even ready
+        await agent.send({"type": "session.ready", "session_id": "sess_1"})
+        await self.log.wait_for("agent session sess_1 ready")
+        await agent.send({"type": "reply.started", "reply_id": "reply_greeting"})
+        await twilio.press("2#")
+        await self.round_trip(twilio, agent)
+        self.assertEqual(self.steers(agent), [])
+        await agent.send({"type": "reply.done", "reply_id": "reply_greeting"})
+        await agent.wait_for(lambda a: a.of("type", "reply.create"))
+        self.assertEqual(self.steers(agent), [
+            "The caller pressed these keys on their phone keypad: 1#"])
+        await agent.speak("reply_1", [audio("one", 0, 300)])  # the answer to the first entry
+        await agent.wait_for(lambda a: len(a.of("type", "reply.create")) == 2)
+        self.assertEqual(self.steers(agent)[1],
+                         "The caller pressed these keys on their phone keypad: 2#")
+
+    async def test_a_key_twilio_cannot_send_is_malformed(self):
+        """A dtmf event with a digit no keypad has is counted as malformed, and ignored."""
+        twilio, agent = await self.start_call(call_sid="CA" + "b" * 32)
+        await twilio.press("x")
+        await self.round_trip(twilio, agent)
+        await twilio.stop()
+        await self.log.wait_for(r"^\[CAb{32}\] call ended .*; keypad entries 0; .*; malformed "
+                                r"messages 1;")
+
+
+class Silence(BridgeTest):
+    """A caller who says nothing is asked whether they are there, then said goodbye to."""
+
+    NUDGE, GOODBYE = bridge.SILENCE_NOTES
+
+    async def asyncSetUp(self):
+        await super().asyncSetUp()
+        self.settings(SILENCE_SECONDS="0.2")
+
+    async def played_to_the_end(self, twilio: TwilioStream, count: int) -> float:
+        """Echo the mark that follows the agent's reply number `count`; return when."""
+        await twilio.wait_for(lambda t: any(m["mark"]["name"] == f"reply-{count}"
+                                            for m in t.of("event", "mark")))
+        await twilio.echo_mark(f"reply-{count}")
+        return asyncio.get_running_loop().time()
+
+    async def next_steer(self, agent: AgentSession, count: int) -> str:
+        await agent.wait_for(lambda a: len(a.of("type", "reply.create")) >= count)
+        return agent.of("type", "reply.create")[count - 1]["instructions"]
+
+    async def test_silence_brings_a_nudge_then_a_goodbye_then_the_hang_up(self):
+        """Silence after the greeting has played: a check, then a goodbye heard to the end."""
+        twilio, agent = await self.start_call(call_sid="CA" + "c" * 32)
+        await asyncio.sleep(0.3)  # Twilio is still playing the greeting: silence has not begun
+        self.assertEqual(agent.of("type", "reply.create"), [])
+        played = await self.played_to_the_end(twilio, 1)
+        self.assertEqual(await self.next_steer(agent, 1), self.NUDGE)
+        self.assertGreaterEqual(asyncio.get_running_loop().time() - played, 0.2)
+        await agent.speak("reply_nudge", [audio("still there?", 0, 300)])
+        await self.played_to_the_end(twilio, 2)
+        self.assertEqual(await self.next_steer(agent, 2), self.GOODBYE)
+        await agent.speak("reply_bye", [audio("bye", 0, 300)])
+        last, = await twilio.wait_for(lambda t: [m for m in t.of("event", "mark")
+                                                 if m["mark"]["name"].startswith("last-words")])
+        self.assertEqual(agent.of("type", "session.end"), [])
+        await twilio.echo_mark(last["mark"]["name"])
+        await agent.wait_for(lambda a: a.of("type", "session.end"))
+        self.assertEqual(await twilio.closed(), 1000)
+        await self.log.wait_for(r"^\[CAc{32}\] call ended .*; silence nudges 2;")
+
+    async def test_caller_speech_starts_the_count_over(self):
+        """After a nudge, speech: the next silence brings a nudge again, not the goodbye."""
+        twilio, agent = await self.start_call()
+        await self.played_to_the_end(twilio, 1)
+        self.assertEqual(await self.next_steer(agent, 1), self.NUDGE)
+        await agent.speak("reply_nudge", [audio("still there?", 0, 300)])
+        await twilio.wait_for(lambda t: t.of("event", "mark")[-1]["mark"]["name"] == "reply-2")
+        await agent.send({"type": "input.speech.started"})  # "yes", before the nudge was heard
+        await agent.send({"type": "input.speech.stopped"})
+        stopped = asyncio.get_running_loop().time()
+        self.assertEqual(await self.next_steer(agent, 2), self.NUDGE)
+        self.assertGreaterEqual(asyncio.get_running_loop().time() - stopped, 0.2)
+
+    async def test_a_running_tool_holds_the_count_until_its_result_is_sent(self):
+        """While a tool runs the caller is waiting, not silent; the count resumes after it."""
+        async def slow_lookup():
+            await asyncio.sleep(0.6)  # three times SILENCE_SECONDS
+            return "found"
+
+        self.tool("slow_lookup", slow_lookup)
+        twilio, agent = await self.start_call()
+        await agent.send({"type": "reply.started", "reply_id": "reply_1"})
+        await agent.send({"type": "tool.call", "call_id": "c1", "name": "slow_lookup",
+                          "arguments": {}})
+        await agent.send({"type": "reply.done", "reply_id": "reply_1"})
+        await self.played_to_the_end(twilio, 2)
+        await self.next_steer(agent, 1)
+        self.assertEqual([m["type"] for m in agent.received if m["type"] != "input.audio"][-2:],
+                         ["tool.result", "reply.create"])
+
+
 class AgentFailures(BridgeTest):
     """When the Voice Agent API fails, the caller hears an apology, never silence."""
 
@@ -1606,6 +1739,35 @@ class OutboundCommand(unittest.IsolatedAsyncioTestCase):
             "StatusCallback": ["https://abc.ngrok.app/call-status"],
             "StatusCallbackEvent": ["initiated", "ringing", "answered", "completed"]})
 
+    async def test_call_variables_ride_on_the_webhook_url(self):
+        """name=value arguments become the query of the Url Twilio will fetch (and sign)."""
+        code, _, _ = await self.run_bridge("call", "+15551234567", "name=Ada",
+                                           "reason=your order & more", "empty=")
+        self.assertEqual(code, 0)
+        self.assertEqual(self.twilio.requests[0]["form"]["Url"], [
+            "https://abc.ngrok.app/outbound-twiml?name=Ada&reason=your+order+%26+more&empty="])
+
+    async def test_bad_arguments_exit_2_and_place_no_call(self):
+        """No =, a name that is not lowercase, a value too long, a bad number: one line, exit 2."""
+        cases = {
+            ("+15551234567", "name"): "'name' is not name=value",
+            ("+15551234567", "Name=Ada"): "'Name' is not a variable name: use lowercase "
+                                          "letters, digits and _, starting with a letter",
+            ("+15551234567", "To=+15550000000"): "'To' is not a variable name: use lowercase "
+                                                 "letters, digits and _, starting with a letter",
+            ("+15551234567", "note=" + "x" * 496): "note is too long: a name and its value must "
+                                                   "stay under 500 bytes",
+            ("5551234567", "name=Ada"): "'5551234567' is not a phone number in E.164 form "
+                                        "(+15551234567)",
+        }
+        for arguments, reason in cases.items():
+            with self.subTest(arguments=arguments):
+                code, out, err = await self.run_bridge("call", *arguments)
+                self.assertEqual((code, out, err), (2, "", f"cannot place a call: {reason}\n"))
+        self.assertEqual(self.twilio.requests, [])
+        self.assertEqual((await self.run_bridge("call", "+15551234567", "note=" + "x" * 495))[0],
+                         0)
+
     async def test_missing_settings_are_named(self):
         """Without Twilio credentials: one line naming them, non-zero exit, no traceback."""
         code, out, err = await self.run_bridge("call", "+15551234567", TWILIO_AUTH_TOKEN="",
@@ -1681,10 +1843,13 @@ class StartUp(unittest.IsolatedAsyncioTestCase):
                          (1, "PORT=eighty is not a port number (1-65535)\n"))
 
     async def test_bad_seconds(self):
-        """A MAX_CALL_SECONDS or DRAIN_SECONDS that is not a number is named."""
+        """A MAX_CALL_SECONDS or SILENCE_SECONDS that is not a number is named."""
         self.assertEqual(await self.serve(ASSEMBLYAI_API_KEY="k", PORT="8080",
                                           MAX_CALL_SECONDS="1h"),
                          (1, "MAX_CALL_SECONDS=1h is not a number of seconds\n"))
+        self.assertEqual(await self.serve(ASSEMBLYAI_API_KEY="k", PORT="8080",
+                                          MAX_CALL_SECONDS="60", SILENCE_SECONDS="-1"),
+                         (1, "SILENCE_SECONDS=-1 is not a number of seconds\n"))
 
     async def test_port_in_use(self):
         """A port another program holds is named, with what to do."""
