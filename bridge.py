@@ -565,6 +565,7 @@ async def on_reply_started(call: Call, event: dict) -> None:
     call.replies += 1
     call.reply_id = event.get("reply_id") or f"reply-{call.replies}"
     call.replying, call.quiet_mark = True, ""
+    set_timer(call, "reply", 0, None)
     set_timer(call, "silence", 0, None)  # the agent is talking: that is no silence
     note_turn(call, "reply.started")
 
@@ -739,9 +740,18 @@ async def send_waiting(call: Call) -> None:
             count_silence(call)  # the tool has answered: the silence count goes on
         while call.steers and call.ready and not call.replying:
             message, then = call.steers.pop(0)
-            call.replying = True  # the reply it asks for comes next
+            call.replying = True  # the reply it asks for comes next...
+            set_timer(call, "reply", REPLY_WAIT, no_reply)  # ...or, after a while, never
             await call.agent.send(message)
             after_sending(call, then)
+
+
+def no_reply(call: Call) -> None:
+    """The agent did not answer a reply.create: stop waiting for that reply."""
+    call.log.warning("the agent did not reply within %g s", REPLY_WAIT)
+    call.replying = False
+    count_silence(call)
+    start(call, send_waiting(call))
 
 
 def after_sending(call: Call, then: str | None) -> None:

@@ -1303,6 +1303,16 @@ class Keypad(BridgeTest):
         self.assertEqual(self.steers(agent)[1],
                          "The caller pressed these keys on their phone keypad: 2#")
 
+    async def test_an_entry_the_agent_never_answers_does_not_hold_back_the_next(self):
+        """If no reply follows a reply.create within REPLY_WAIT, the next entry goes out."""
+        self.settings(REPLY_WAIT=0.2)
+        twilio, agent = await self.start_call()
+        await twilio.press("1#")
+        await agent.wait_for(lambda a: a.of("type", "reply.create"))
+        await twilio.press("2#")
+        await agent.wait_for(lambda a: len(a.of("type", "reply.create")) == 2)
+        await self.log.wait_for("the agent did not reply within 0.2 s")
+
     async def test_a_key_twilio_cannot_send_is_malformed(self):
         """A dtmf event with a digit no keypad has is counted as malformed, and ignored."""
         twilio, agent = await self.start_call(call_sid="CA" + "b" * 32)
