@@ -20,6 +20,7 @@ import hmac
 import inspect
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -51,6 +52,9 @@ PORT = os.environ.get("PORT") or "8080"  # the one port for webhooks and Media S
 PUBLIC_URL = os.environ.get("PUBLIC_URL", "").rstrip("/")  # https://abc.ngrok.app; unset: Host
 AGENT_VOICE = os.environ.get("AGENT_VOICE", "")  # lowercase voice name; unset: server default
 TRANSFER_NUMBER = os.environ.get("TRANSFER_NUMBER", "")  # +15551234567: agent may transfer
+TRANSFER_RING_SECONDS = os.environ.get("TRANSFER_RING_SECONDS") or "20"  # then back to the agent
+RECORD_CALLS = os.environ.get("RECORD_CALLS", "").lower() == "true"  # dual-channel, by Twilio
+CALLS_API_TOKEN = os.environ.get("CALLS_API_TOKEN", "")  # set: POST /calls places calls
 TWILIO_ACCOUNT_SID = os.environ.get("TWILIO_ACCOUNT_SID", "")  # REST API: calls, transfers...
 TWILIO_AUTH_TOKEN = os.environ.get("TWILIO_AUTH_TOKEN", "")  # also turns on signature checks
 TWILIO_PHONE_NUMBER = os.environ.get("TWILIO_PHONE_NUMBER", "")  # caller ID for outbound calls
@@ -92,15 +96,18 @@ If the caller asks about their account or an order, use look_up_caller.
 When the caller types on their phone keypad, you get a note saying which keys they pressed:
 treat it as their answer.
 When the caller wants to end the call, use end_call, then say a short goodbye.
-If the caller asks for a person and you have the transfer_call tool, use it, then tell them
-you are putting them through."""
+If the caller asks for a person and you have the transfer_call tool, use it, with a one-sentence
+summary for the person who answers, then tell them you are putting them through.
+When you call out and reach an automated phone menu, listen to the options and use send_digits
+to press keys (w waits half a second), for example 1, or an extension followed by #."""
 
 # The facts of a call that reach the agent: these fields of Twilio's webhook, and the call's
 # variables, lowercase names on the webhook URL's query string (Twilio's own fields are all
 # capitalized). They ride with the call as <Parameter>s of its <Stream>, and come back in the
 # stream's `start` message, so no server keeps them in memory. Greetings can use them as
 # placeholders: "Hi {name}, calling from {To}".
-TWILIO_FACTS = ("From", "To", "CallerName", "Direction", "CallSid")
+TWILIO_FACTS = ("From", "To", "CallerName", "Direction", "CallSid", "AnsweredBy",
+                "DialCallStatus")
 VARIABLE = re.compile(r"[a-z][a-z0-9_]*")  # the name of a call variable
 E164 = re.compile(r"\+[1-9]\d{1,14}")  # a phone number: +15551234567
 DESTINATION = re.compile(r"\+[1-9]\d{1,14}|sip:[^\s<>\"']+")  # what we can dial: E.164, SIP
@@ -125,6 +132,12 @@ SILENCE_NOTES = (
     "The caller is still silent. Say a short, friendly goodbye: the call ends after it.",
 )
 
+# What the agent is asked to say first when a transfer comes back unanswered.
+TRANSFER_FAILED = ("You tried to transfer the caller to {transfer_to}, but the call was not "
+                   "answered ({DialCallStatus}). The caller is back with you: apologize, say "
+                   "plainly that the transfer did not go through, and offer to help yourself or "
+                   "to take a message.")
+
 # What Twilio says, in its own voice, if the Voice Agent API fails during a call.
 APOLOGY = "Sorry, our assistant is not available right now. Please call again later. Goodbye."
 
@@ -138,10 +151,15 @@ def generate_random_number(min: int, max: int) -> int:
 CUSTOMERS = {"+15550001111": {"name": "Ada Lovelace", "open_orders": ["A-1001, ships Friday"]}}
 
 
+def numbers(call: dict) -> tuple[str, str]:
+    """Our number and theirs, from a call's facts: on an outbound call, ours is the caller's."""
+    ours, theirs = call.get("To", ""), call.get("From", "")
+    return (theirs, ours) if call.get("Direction", "").startswith("outbound") else (ours, theirs)
+
+
 def look_up_caller(call: dict) -> dict:
     """Find the customer on the line by their phone number, from the call's facts."""
-    outbound = call.get("Direction", "").startswith("outbound")  # then they are the one called
-    number = call.get("To" if outbound else "From", "")
+    number = numbers(call)[1]
     return CUSTOMERS.get(number) or {"found": False, "number": number}
 
 
@@ -150,9 +168,43 @@ async def end_call() -> str:
     return "The call ends after your next sentence: say a short goodbye now."
 
 
-async def transfer_call() -> str:
-    """Agree to transfer; the bridge dials TRANSFER_NUMBER once the hand-off has played."""
+def transfer_call(call: dict, destination: str = "", summary: str = "") -> str:
+    """Agree to transfer; the bridge dials once the hand-off has played (see transfer)."""
+    transfer_target(agent_for(numbers(call)[0]), destination)  # a ValueError if there is none
     return "The caller is transferred after your next sentence: say you are putting them through."
+
+
+def transfer_targets(agent: dict) -> dict:
+    """Where the agent may transfer callers: its transfers, else TRANSFER_NUMBER, if set."""
+    return agent["transfers"] or ({"a person": TRANSFER_NUMBER} if TRANSFER_NUMBER else {})
+
+
+def transfer_target(agent: dict, destination: str) -> tuple[str, str]:
+    """The name and address of a destination; the only one, if it is not named."""
+    targets = transfer_targets(agent)
+    if not destination and len(targets) == 1:
+        destination = next(iter(targets))
+    if destination not in targets:
+        raise ValueError(f"no destination {destination!r}: choose one of {', '.join(targets)}")
+    return destination, targets[destination]
+
+
+def transfer_parameters(agent: dict) -> dict:
+    """transfer_call's schema: which of the agent's destinations, and what to tell them."""
+    names = list(transfer_targets(agent))
+    return {"type": "object", "required": ["destination"] if len(names) > 1 else [],
+            "properties": {
+                "destination": {"type": "string", "enum": names},
+                "summary": {"type": "string", "description": "One sentence for the person who "
+                            "answers, before they are connected: who is calling, and why."}}}
+
+
+async def send_digits(digits: str, play) -> str:
+    """Press keys on the phone, as tones the far end hears; return once they have played."""
+    if not digits or set(digits) - set(DTMF_TONES) - {"w"}:
+        raise ValueError(f"{digits!r}: use only 0-9, *, # and w (a half-second pause)")
+    await play([DTMF_TONES.get(key, DTMF_PAUSE) for key in digits])
+    return f"Pressed {digits}."
 
 
 # Tools the agent may call: name -> what the model reads, and the function that runs. The
@@ -186,12 +238,20 @@ TOOLS = {
         "function": end_call,
         "then": "hang up",
     },
-    "transfer_call": {  # offered only when TRANSFER_NUMBER and Twilio credentials are set
+    "transfer_call": {  # offered only with somewhere to transfer to, and Twilio credentials
         "description": "Transfer the caller to a person, when they ask for one. After it "
                        "answers, tell them you are putting them through.",
-        "parameters": {"type": "object", "properties": {}},
+        "parameters": transfer_parameters,  # the agent's own destinations
         "function": transfer_call,
         "then": "transfer",
+    },
+    "send_digits": {
+        "description": "Press keys on the phone keypad, to answer an automated phone menu or "
+                       "dial an extension. It answers once the far end has heard the tones.",
+        "parameters": {"type": "object", "properties": {"digits": {
+            "type": "string", "description": "Keys to press: 0-9, * and #; w waits 0.5 s."}},
+                       "required": ["digits"]},
+        "function": send_digits,
     },
 }
 
@@ -206,17 +266,26 @@ AGENTS = {
         "outbound_greeting": ("Hi {name}, this is your AI assistant, calling about {reason}.",
                               "Hi, this is your AI assistant calling. Do you have a minute?"),
         "voice": AGENT_VOICE,  # "" for the server's default voice
-        "tools": ["generate_random_number", "look_up_caller", "end_call", "transfer_call"],
+        "voicemail": ("Hi {name}, this is your AI assistant, calling about {reason}. Please "
+                      "call us back. Goodbye.",
+                      "Hi, this is your AI assistant. Sorry we missed you: please call us back. "
+                      "Goodbye."),
+        "tools": ["generate_random_number", "look_up_caller", "end_call", "transfer_call",
+                  "send_digits"],
         "keyterms": [],  # words the speech recognizer should expect: names, products
+        "transfers": {},  # name -> +E.164 number or sip: address; none: TRANSFER_NUMBER
     },
 }
 
-# Inbound and outbound calls share every line of code; they differ only in this data: the
-# Media Stream their TwiML points at, which greeting of the agent's they start with, and which
-# of the call's numbers picks the agent.
+# Every Media Stream runs the same code; they differ only in this data. The path the TwiML
+# points at names which greeting of the agent's it starts with ("greeting"), or what the agent
+# is asked to say first ("steer"); what the bridge does once that has played ("then"); whether
+# the agent hears the far end ("listen"); and whether the stream starts a call ("first").
 STREAMS = {
-    "/stream": {"greeting": "greeting", "agent": "To"},
-    "/outbound-stream": {"greeting": "outbound_greeting", "agent": "From"},
+    "/stream": {"greeting": "greeting", "first": True},  # inbound calls
+    "/outbound-stream": {"greeting": "outbound_greeting", "first": True},
+    "/voicemail-stream": {"greeting": "voicemail", "then": "leave voicemail", "listen": False},
+    "/return-stream": {"steer": TRANSFER_FAILED},  # a transfer nobody answered
 }
 
 # A session.error code that usually means a setting is wrong, and what to check.
@@ -245,7 +314,7 @@ def agent_for(number: str) -> dict:
 
 def offered_tools(agent: dict) -> dict:
     """The agent's tools: transfer_call only if there is somewhere to transfer to."""
-    can_transfer = bool(TRANSFER_NUMBER) and twilio_credentials()
+    can_transfer = bool(transfer_targets(agent)) and twilio_credentials()
     return {name: TOOLS[name] for name in agent["tools"]
             if name != "transfer_call" or can_transfer}
 
@@ -278,8 +347,8 @@ def session_update(agent: dict, facts: dict, greeting: str | None) -> dict:
     if agent["voice"]:
         output["voice"] = agent["voice"]
     tools = [
-        {"type": "function", "name": name, "description": tool["description"],
-         "parameters": tool["parameters"]}
+        {"type": "function", "name": name, "description": tool["description"], "parameters":
+         tool["parameters"](agent) if callable(tool["parameters"]) else tool["parameters"]}
         for name, tool in offered_tools(agent).items()
     ]
     session = {
@@ -363,14 +432,43 @@ def call_facts(fields: dict, variables: dict) -> tuple[dict, list[str]]:
     return facts, cut
 
 
-def dial_twiml(number: str) -> str:
-    """Connect the caller to another phone number."""
-    return twiml(f"<Dial>{escape(number)}</Dial>")
+def dial_twiml(address: str, action: str, whisper: str) -> str:
+    """Dial a number or SIP address; whoever answers hears the whisper TwiML first.
+
+    When the dialed call ends, or nobody answers within TRANSFER_RING_SECONDS, Twilio asks
+    the action URL what the caller's call does next.
+    """
+    noun = "Sip" if address.startswith("sip:") else "Number"
+    seconds = int(float(TRANSFER_RING_SECONDS))
+    return twiml(f'<Dial action={quoteattr(action)} timeout="{seconds}"><{noun} '
+                 f"url={quoteattr(whisper)}>{escape(address)}</{noun}></Dial>")
 
 
 def say_twiml(words: str) -> str:
     """Say something in Twilio's voice, then hang up."""
     return twiml(f"<Say>{escape(words)}</Say><Hangup/>")
+
+
+def mulaw(sample: int) -> int:
+    """One 16-bit linear sample as a G.711 mu-law byte."""
+    sign = 0x80 if sample < 0 else 0
+    magnitude = min(abs(sample), 32635) + 0x84
+    exponent = magnitude.bit_length() - 8
+    return ~(sign | exponent << 4 | (magnitude >> (exponent + 3)) & 0x0F) & 0xFF
+
+
+def dtmf_tone(key: str) -> str:
+    """One key's DTMF tone pair for 100 ms, then 100 ms of silence: base64 mu-law at 8 kHz."""
+    row, column = divmod("123A456B789C*0#D".index(key), 4)
+    pair = (697, 770, 852, 941)[row], (1209, 1336, 1477, 1633)[column]
+    tone = bytes(mulaw(round(sum(9000 * math.sin(2 * math.pi * hz * n / 8000) for hz in pair)))
+                 for n in range(800))  # 9000 of 32767: about -8 dBm0 each, as phones send
+    return base64.b64encode(tone + b"\xff" * 800).decode()
+
+
+# The only audio the bridge makes itself, computed once: the tones send_digits plays.
+DTMF_TONES = {key: dtmf_tone(key) for key in "0123456789*#"}
+DTMF_PAUSE = base64.b64encode(b"\xff" * 4000).decode()  # "w": half a second of silence
 
 
 # --------------------------------------------------------------------------- Twilio's REST API
@@ -394,6 +492,17 @@ def twilio_api(path: str, form: list[tuple[str, str]]) -> dict:
         headers={"Authorization": f"Basic {credentials}"})
     with urllib.request.urlopen(request, timeout=TWILIO_API_TIMEOUT) as response:
         return json.load(response)
+
+
+async def twilio_rest(logger, path: str, form: list[tuple[str, str]], doing: str) -> dict | None:
+    """twilio_api without blocking the loop; None, and a log line saying why, if it fails."""
+    try:
+        return await asyncio.to_thread(twilio_api, path, form)
+    except urllib.error.HTTPError as exc:
+        logger.error("Twilio refused to %s: %s", doing, twilio_error(exc))
+    except (OSError, ValueError) as exc:
+        logger.error("cannot reach Twilio at %s: %s", TWILIO_API_URL, exc)
+    return None
 
 
 def twilio_error(error: urllib.error.HTTPError) -> str:
@@ -424,6 +533,7 @@ class Call:
     sid: str  # Twilio's CallSid: tags every log line
     stream_sid: str  # addresses every message we send Twilio
     twilio: ServerConnection
+    stream: dict  # the STREAMS entry of this stream's path
     persona: dict  # the AGENTS entry the agent follows on this call
     facts: dict  # what the call's <Parameter>s said: numbers, call variables
     greeting: str | None  # what the agent says first; None once a session has been ready
@@ -438,8 +548,9 @@ class Call:
     interrupted: set[str] = field(default_factory=set)  # replies whose late audio we drop
     last_event: str = ""  # latest of reply.started, input.speech.started, reply.done
     # tool.result and reply.create messages waiting for their turn, each with its "then"
-    results: list[tuple[str, str | None]] = field(default_factory=list)
+    results: list[tuple[str, str | None, dict]] = field(default_factory=list)
     steers: list[tuple[str, str | None]] = field(default_factory=list)
+    marks: dict[str, asyncio.Future] = field(default_factory=dict)  # audio the bridge played
     tools_running: int = 0
     keys: str = ""  # the keypad entry the caller is typing
     quiet_mark: str = ""  # the mark whose echo means the agent has finished speaking
@@ -457,13 +568,15 @@ class Call:
     nudges: int = 0  # times the bridge asked a silent caller whether they were there
     malformed: int = 0  # messages from either side we could not use
     reconnects: int = 0  # times the agent session came back after its socket dropped
+    ending: str = ""  # how the call ended, for the summary
 
     def __post_init__(self):
         self.log = CallLog(log, {"call_sid": self.sid})
 
     def summary(self) -> str:
         seconds = time.monotonic() - self.started
-        return (f"call ended after {seconds:.1f} s: audio frames {self.frames_in} in, "
+        return (f"call ended after {seconds:.1f} s ({self.ending or 'the stream closed'}), "
+                f"agent session {self.session_id or 'none'}: audio frames {self.frames_in} in, "
                 f"{self.frames_out} out; barge-ins {self.barge_ins}; tool calls "
                 f"{self.tool_calls}; keypad entries {self.entries}; silence nudges "
                 f"{self.nudges}; malformed messages {self.malformed}; agent reconnects "
@@ -535,13 +648,16 @@ async def on_mark(call: Call, event: dict) -> None:
     # Twilio has played all the audio sent before this mark, or dropped it on a clear.
     name = event["mark"]["name"]
     note_turn(call, "mark:" + name)
+    if (heard := call.marks.pop(name, None)) and not heard.done():
+        heard.set_result(True)  # the audio play() sent has been heard
     if name == call.quiet_mark:  # the agent's latest reply has been heard to the end
         call.quiet_mark = ""
         count_silence(call)
 
 
 async def on_stop(call: Call, event: dict) -> bool:
-    call.log.info("Twilio stopped the stream: the caller hung up")
+    call.log.info("Twilio stopped the stream: the caller hung up, or the call moved on")
+    call.ending = call.ending or "Twilio stopped the stream"
     return True
 
 
@@ -555,7 +671,10 @@ KEYPAD_KEYS = set("0123456789*#ABCD")  # what Twilio's dtmf events can carry
 async def on_session_ready(call: Call, event: dict) -> None:
     resumed = bool(call.session_id) and event.get("session_id") == call.session_id
     call.session_id = event.get("session_id") or ""
-    call.ready, call.greeting = True, None
+    if call.greeting and call.stream.get("then"):  # e.g. hang up once the voicemail is left
+        after_sending(call, call.stream["then"])
+    # A voicemail is spoken to a machine: the agent need not hear it.
+    call.ready, call.greeting = call.stream.get("listen", True), None
     call.log.info("agent session %s %s", call.session_id, "resumed" if resumed else "ready")
     await send_waiting(call)  # keypad entries or nudges that came while it was away
 
@@ -582,7 +701,8 @@ async def on_speech_started(call: Call, event: dict) -> None:
     # out what it has buffered. If this was only an "uh-huh", the reply's next audio follows.
     call.last_event = "input.speech.started"
     caller_active(call)
-    await clear(call)
+    if not any(not heard.done() for heard in call.marks.values()):  # never cut our key tones
+        await clear(call)
 
 
 async def on_speech_stopped(call: Call, event: dict) -> None:
@@ -614,6 +734,9 @@ async def on_reply_error(call: Call, event: dict) -> None:
 async def clear(call: Call) -> None:
     """Drop the agent audio Twilio has not played yet; marks sent before it come back unplayed."""
     note_turn(call, "clear")
+    for heard in call.marks.values():
+        if not heard.done():
+            heard.set_result(False)  # Twilio echoes the mark all the same, unplayed
     await call.twilio.send(twilio_clear(call.stream_sid))
 
 
@@ -638,6 +761,7 @@ async def on_session_error(call: Call, event: dict) -> None:
 
 async def on_session_ended(call: Call, event: dict) -> bool:
     call.session_over = True
+    call.ending = call.ending or "the agent ended the session"
     call.log.info("agent session ended")
     return True
 
@@ -672,7 +796,7 @@ def on_silence(call: Call) -> None:
     goodbye = call.silences >= len(SILENCE_NOTES) - 1
     call.log.info("the caller has been silent for %s s: %s", SILENCE_SECONDS,
                   "saying goodbye" if goodbye else "asking whether they are there")
-    steer(call, SILENCE_NOTES[-1 if goodbye else call.silences], "hang up" if goodbye else None)
+    steer(call, SILENCE_NOTES[-1 if goodbye else call.silences], "say goodbye" if goodbye else None)
     call.silences += 1
     call.nudges += 1
 
@@ -701,7 +825,7 @@ async def run_tool(call: Call, call_id: str, name: str, arguments: dict, reply_i
     try:
         if tool is None:
             raise LookupError(f"there is no tool named {name!r}")
-        value = await invoke(tool["function"], arguments, call.facts)
+        value = await invoke(tool["function"], arguments, call)
         message, then = tool_result(call_id, value), tool.get("then")
         call.log.info("tool %s(%s) -> %s", name, arguments, value)
     except Exception as exc:  # the tool's own bug or bad arguments: tell the agent, go on
@@ -711,14 +835,16 @@ async def run_tool(call: Call, call_id: str, name: str, arguments: dict, reply_i
     if reply_id in call.interrupted:
         call.log.info("discarding the result of %s: the caller interrupted", name)
         return
-    call.results.append((message, then))
+    call.results.append((message, then, arguments))
     await send_waiting(call)
 
 
-async def invoke(function, arguments: dict, facts: dict):
-    """Call a tool's function with the model's arguments, and the call's facts if it asks."""
-    if "call" in inspect.signature(function).parameters:
-        arguments = {**arguments, "call": dict(facts)}  # the model cannot choose these
+async def invoke(function, arguments: dict, call: Call):
+    """Call a tool's function with the model's arguments, and what else it asks for: the
+    call's facts (`call`), or a way to play audio into the call (`play`)."""
+    wanted = inspect.signature(function).parameters
+    given = {"call": lambda: dict(call.facts), "play": lambda: partial(play, call)}
+    arguments = {**arguments, **{name: give() for name, give in given.items() if name in wanted}}
     if inspect.iscoroutinefunction(function):
         return await function(**arguments)
     return await asyncio.to_thread(function, **arguments)  # a plain one cannot stall the audio
@@ -734,9 +860,9 @@ async def send_waiting(call: Call) -> None:
     """
     with suppress(ConnectionClosed):  # the agent's socket dropped: agent_to_caller sees to it
         while call.results and call.last_event == "reply.done":
-            message, then = call.results.pop(0)
+            message, then, arguments = call.results.pop(0)
             await call.agent.send(message)
-            after_sending(call, then)
+            after_sending(call, then, arguments)
             count_silence(call)  # the tool has answered: the silence count goes on
         while call.steers and call.ready and not call.replying:
             message, then = call.steers.pop(0)
@@ -754,11 +880,11 @@ def no_reply(call: Call) -> None:
     start(call, send_waiting(call))
 
 
-def after_sending(call: Call, then: str | None) -> None:
+def after_sending(call: Call, then: str | None, arguments: dict | None = None) -> None:
     """Have `then` (hang up, transfer) run once the agent's reply to what was sent has played."""
     if then and call.last_words is None:
         call.last_words = asyncio.Queue()  # from now on, turn events are noted for it
-        start(call, after_last_words(call, CALL_ACTIONS[then]))
+        start(call, after_last_words(call, partial(CALL_ACTIONS[then], call, arguments or {})))
 
 
 AGENT_EVENTS = {
@@ -809,7 +935,7 @@ async def after_last_words(call: Call, action) -> None:
                          "ahead", MARK_TIMEOUT)
     finally:
         call.last_words = None
-    await action(call)
+    await action()
 
 
 async def next_turn(call: Call, wanted: str, timeout: float | None) -> None:
@@ -820,34 +946,67 @@ async def next_turn(call: Call, wanted: str, timeout: float | None) -> None:
                 raise CallGoesOn
 
 
-async def hang_up(call: Call) -> None:
+async def hang_up(call: Call, arguments: dict, ending: str) -> None:
     """End the call: the agent session ends, the stream closes, and the TwiML hangs up."""
-    call.log.info("the agent hung up")
+    call.log.info("%s", ending)
+    call.ending = ending
     call.over.set()
 
 
-async def transfer(call: Call) -> None:
-    """Connect the caller to TRANSFER_NUMBER, and end the agent session."""
-    call.log.info("transferring the caller to %s", TRANSFER_NUMBER)
-    if await redirect(call, dial_twiml(TRANSFER_NUMBER)):
+async def transfer(call: Call, arguments: dict) -> None:
+    """Dial the destination transfer_call chose; its summary is whispered to whoever answers.
+
+    If nobody answers, Twilio asks /transfer-done, which brings the caller back to the agent:
+    the call's variables, and the destination's name, ride on that URL's query.
+    """
+    name, address = transfer_target(call.persona, arguments.get("destination", ""))
+    base = public_base_url(call.twilio.request)
+    variables = {key: value for key, value in call.facts.items() if VARIABLE.fullmatch(key)}
+    action = f"{base}/transfer-done?" + urllib.parse.urlencode({**variables, "transfer_to": name})
+    whisper = f"{base}/whisper?" + urllib.parse.urlencode({"summary": arguments.get("summary")
+                                                           or f"A caller for {name}."})
+    call.log.info("transferring the caller to %s (%s)", name, address)
+    if await redirect(call, dial_twiml(address, action, whisper)):
+        call.ending = f"transferred to {name}"
         call.over.set()
     else:
         call.log.error("the transfer failed: the caller stays with the agent")
 
 
-CALL_ACTIONS = {"hang up": hang_up, "transfer": transfer}  # what a tool's "then" names
+# What a tool's or a stream's "then" names, run once the agent's last words have played.
+CALL_ACTIONS = {
+    "hang up": partial(hang_up, ending="the agent hung up"),
+    "say goodbye": partial(hang_up, ending="the caller stayed silent: the agent hung up"),
+    "leave voicemail": partial(hang_up, ending="the voicemail was left: the agent hung up"),
+    "transfer": transfer,
+}
 
 
 async def redirect(call: Call, document: str) -> bool:
     """Give the live call new TwiML through Twilio's REST API; this ends its Media Stream."""
-    try:
-        await asyncio.to_thread(twilio_api, f"Calls/{call.sid}.json", [("Twiml", document)])
-        return True
-    except urllib.error.HTTPError as exc:
-        call.log.error("Twilio refused to update the call: %s", twilio_error(exc))
-    except (OSError, ValueError) as exc:
-        call.log.error("cannot reach Twilio at %s: %s", TWILIO_API_URL, exc)
-    return False
+    form = [("Twiml", document)]
+    return await twilio_rest(call.log, f"Calls/{call.sid}.json", form, "update the call") is not None
+
+
+async def play(call: Call, payloads: list[str]) -> None:
+    """Play audio the bridge made after what is already sent; return once it has been heard."""
+    for payload in payloads:
+        await call.twilio.send(twilio_media(call.stream_sid, payload))
+    name = f"played-{len(call.marks)}"
+    heard = call.marks[name] = asyncio.get_running_loop().create_future()
+    await call.twilio.send(twilio_mark(call.stream_sid, name))
+    seconds = sum(len(payload) for payload in payloads) * 3 / 4 / 8000  # of mu-law at 8 kHz
+    async with asyncio.timeout(MARK_TIMEOUT + seconds):
+        if not await heard:
+            raise RuntimeError("cut off: they were cleared before they had all played")
+
+
+async def record(call: Call) -> None:
+    """Have Twilio record the call, each side on its own channel; it reports to /recording-status."""
+    form = [("RecordingChannels", "dual"), ("RecordingStatusCallbackEvent", "completed"),
+            ("RecordingStatusCallback", f"{public_base_url(call.twilio.request)}/recording-status")]
+    if await twilio_rest(call.log, f"Calls/{call.sid}/Recordings.json", form, "record the call"):
+        call.log.info("recording the call (RECORD_CALLS)")
 
 
 async def apologize(call: Call) -> None:
@@ -857,6 +1016,7 @@ async def apologize(call: Call) -> None:
                          "TWILIO_AUTH_TOKEN so that callers hear one")
     elif await redirect(call, say_twiml(APOLOGY)):
         call.log.info("the caller hears an apology, then the call ends")
+        call.ending = "the caller heard an apology"
 
 
 # --- the call itself
@@ -891,13 +1051,16 @@ def new_call(twilio: ServerConnection, start: dict) -> Call:
     parameters = start.get("customParameters")
     parameters = parameters if isinstance(parameters, dict) else {}
     facts, cut = call_facts(parameters, parameters)
-    persona = agent_for(facts.get(stream["agent"], ""))
-    call = Call(sid=start["callSid"], stream_sid=start["streamSid"], twilio=twilio,
-                persona=persona, facts=facts, greeting=fill(persona[stream["greeting"]], facts))
+    persona = agent_for(numbers(facts)[0])
+    greetings = persona[stream["greeting"]] if "greeting" in stream else ""
+    call = Call(sid=start["callSid"], stream_sid=start["streamSid"], twilio=twilio, stream=stream,
+                persona=persona, facts=facts, greeting=fill(greetings, facts))
     if cut:
         call.log.warning("cut call facts to fit: %s", ", ".join(cut))
-    if call.greeting is None and persona[stream["greeting"]]:
+    if call.greeting is None and greetings:
         call.log.warning("no greeting: the call lacks the facts its %s needs", stream["greeting"])
+    if instructions := fill(stream.get("steer", ""), facts):
+        steer(call, instructions)  # said first, once the session is ready
     return call
 
 
@@ -1010,6 +1173,7 @@ async def converse(call: Call) -> None:
         if not done:  # so that a stuck call cannot run up the bill for hours
             call.log.warning("the call reached MAX_CALL_SECONDS (%s s): hanging up",
                              MAX_CALL_SECONDS)
+            call.ending = "MAX_CALL_SECONDS"
     finally:
         for task in tasks:
             task.cancel()
@@ -1035,6 +1199,8 @@ async def media_stream(twilio: ServerConnection) -> None:
         return
     call.log.info("call connected on %s", twilio.request.path)
     live_calls.add(asyncio.current_task())
+    if RECORD_CALLS and call.stream.get("first"):
+        start(call, record(call))
     try:
         if await open_session(call, FIRST_TRIES):
             await converse(call)
@@ -1416,12 +1582,21 @@ def agent_problem(number: str, agent) -> str:
             return f"{key} must be " + " or ".join(KIND_WORDS[kind] for kind in kinds)
         if key == "tools" and (unknown := [name for name in value if name not in TOOLS]):
             return f"tools names {unknown[0]!r}, which is not in TOOLS"
+        if key == "transfers" and (bad := [v for v in value.values() if not is_address(v)]):
+            return f"transfers: {bad[0]!r} is not a +E.164 number or a sip: address"
     return ""
 
 
+def is_address(value) -> bool:
+    """Whether value is something a transfer can dial: +15551234567, or sip:desk@example.com."""
+    return isinstance(value, str) and bool(DESTINATION.fullmatch(value))
+
+
 AGENT_KEYS = {"system_prompt": (str,), "greeting": (str, tuple), "outbound_greeting": (str, tuple),
-              "voice": (str,), "tools": (list,), "keyterms": (list,)}  # what each key holds
-KIND_WORDS = {str: "a string", tuple: "a tuple of strings", list: "a list of strings"}
+              "voicemail": (str, tuple), "voice": (str,), "tools": (list,), "keyterms": (list,),
+              "transfers": (dict,)}  # what each key of an AGENTS entry holds
+KIND_WORDS = {str: "a string", tuple: "a tuple of strings", list: "a list of strings",
+              dict: "a dict from names to numbers"}
 
 
 def main(argv: list[str]) -> None:

@@ -648,7 +648,7 @@ class Calls(BridgeTest):
             "input": {"format": {"encoding": "audio/pcmu"}},
             "output": {"format": {"encoding": "audio/pcmu"}}}})
         self.assertEqual([tool["name"] for tool in tools],
-                         ["generate_random_number", "look_up_caller", "end_call"])
+                         ["generate_random_number", "look_up_caller", "end_call", "send_digits"])
         self.assertEqual(tools[0], {
             "type": "function", "name": "generate_random_number",
             "description": "Generate a random whole number between min and max, inclusive.",
@@ -913,8 +913,8 @@ class Agents(BridgeTest):
 
     async def test_outbound_calls_get_the_agent_of_the_number_calling(self):
         """An outbound call from +15552223333 gets its entry; outbound_greeting from default."""
-        session = await self.session_for("/outbound-stream", {"From": "+15552223333",
-                                                              "To": "+15550001111"})
+        session = await self.session_for("/outbound-stream", {
+            "From": "+15552223333", "To": "+15550001111", "Direction": "outbound-api"})
         self.assertTrue(session["system_prompt"].startswith("You are Acme's billing desk.\n"))
         self.assertEqual(session["greeting"], "Hi, this is your AI assistant calling. Do you "
                                               "have a minute?")
@@ -927,13 +927,16 @@ class Agents(BridgeTest):
                 "AGENTS['+15552223333']: tools names 'fly', which is not in TOOLS",
             '"+15552223333": {"prompt": "Hi"}':
                 "AGENTS['+15552223333']: unknown key 'prompt' (known keys: system_prompt, "
-                "greeting, outbound_greeting, voice, tools, keyterms)",
+                "greeting, outbound_greeting, voicemail, voice, tools, keyterms, transfers)",
             '"5552223333": {}': "AGENTS['5552223333']: a key must be \"default\" or one of your "
                                 "numbers in E.164 form (+15551234567)",
             '"+15552223333": {"keyterms": "Acme"}':
                 "AGENTS['+15552223333']: keyterms must be a list of strings",
             '"+15552223333": {"greeting": ["Hi"]}':
                 "AGENTS['+15552223333']: greeting must be a string or a tuple of strings",
+            '"+15552223333": {"transfers": {"sales": "555-1234"}}':
+                "AGENTS['+15552223333']: transfers: '555-1234' is not a +E.164 number or a sip: "
+                "address",
         }
         for entry, line in cases.items():
             with self.subTest(entry=entry):
@@ -1061,7 +1064,8 @@ class HangUps(BridgeTest):
         await agent.wait_for(lambda a: a.of("type", "session.end"))
         self.assertEqual(await agent.closed(), 1000)
         await self.log.wait_for(r"^\[CA6{32}\] Twilio stopped the stream")
-        await self.log.wait_for(r"^\[CA6{32}\] call ended after [\d.]+ s: audio frames 0 in, "
+        await self.log.wait_for(r"^\[CA6{32}\] call ended after [\d.]+ s \(Twilio stopped the "
+                                r"stream\), agent session sess_CA6{32}: audio frames 0 in, "
                                 r"2 out; barge-ins 0; tool calls 1; keypad entries 0; silence "
                                 r"nudges 0; malformed messages 0; agent reconnects 0$")
         self.assertEqual(await twilio.closed(), 1000)
@@ -1192,11 +1196,15 @@ class EndingCalls(BridgeTest):
                          ("POST", f"/2010-04-01/Accounts/AC{'0' * 32}/Calls/{sid}.json"))
         self.assertEqual(request["headers"]["Authorization"],
                          "Basic " + base64.b64encode(b"AC" + b"0" * 32 + b":secret").decode())
+        base = f"https://127.0.0.1:{self.port}"
         self.assertEqual(request["form"], {"Twiml": [
-            '<?xml version="1.0" encoding="UTF-8"?>\n<Response><Dial>+15557654321</Dial>'
-            "</Response>"]})
+            '<?xml version="1.0" encoding="UTF-8"?>\n<Response>'
+            f'<Dial action="{base}/transfer-done?transfer_to=a+person" timeout="20">'
+            f'<Number url="{base}/whisper?summary=A+caller+for+a+person.">+15557654321</Number>'
+            "</Dial></Response>"]})
         await agent.wait_for(lambda a: a.of("type", "session.end"))
         self.assertEqual(await twilio.closed(), 1000)
+        await self.log.wait_for(r"call ended after [\d.]+ s \(transferred to a person\)")
 
     async def test_interrupted_hand_off_does_not_transfer(self):
         """If the caller talks over the hand-off sentence, the caller stays with the agent."""
