@@ -505,13 +505,18 @@ async def twilio_rest(logger, path: str, form: list[tuple[str, str]], doing: str
     return None
 
 
-def twilio_error(error: urllib.error.HTTPError) -> str:
-    """Twilio's own words for a refused request: its error code and message."""
+def twilio_refusal(error: urllib.error.HTTPError) -> dict:
+    """Twilio's error code and message for a refused request, as far as it gave them."""
     try:
         body = json.load(error)
-        words = " ".join(str(body[key]) for key in ("code", "message") if body.get(key))
-    except (ValueError, AttributeError):
-        words = ""
+        return {key: body[key] for key in ("code", "message") if body.get(key)}
+    except (ValueError, AttributeError, TypeError):
+        return {}
+
+
+def twilio_error(error: urllib.error.HTTPError) -> str:
+    """Twilio's own words for a refused request: its error code and message."""
+    words = " ".join(str(value) for value in twilio_refusal(error).values())
     hint = " (check TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN)" if error.code == 401 else ""
     return (words or f"HTTP {error.code}") + hint
 
@@ -1232,6 +1237,7 @@ class WebhookConnection(ServerConnection):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.form: list[tuple[str, str]] = []  # the POSTed fields, in order
+        self.body = b""  # the same, as sent: the calls API also takes JSON
         self.pending: bytearray | None = bytearray()  # the request so far; None once passed on
 
     def connection_made(self, transport) -> None:
@@ -1262,7 +1268,8 @@ class WebhookConnection(ServerConnection):
             return self.refuse("413 Content Too Large")
         if len(rest) < length:
             return  # wait for the rest of the body; HANDSHAKE_TIMEOUT bounds the wait
-        self.form = urllib.parse.parse_qsl(rest[:length].decode("utf-8", "replace"),
+        self.body = bytes(rest[:length])
+        self.form = urllib.parse.parse_qsl(self.body.decode("utf-8", "replace"),
                                            keep_blank_values=True)
         self.pending = None
         self.deadline.cancel()
@@ -1292,21 +1299,112 @@ def public_base_url(request: Request) -> str | None:
     return f"https://{host}" if host else None
 
 
-def answer_call(connection: ServerConnection, request: Request, form: dict, *, stream: str):
-    """Answer Twilio's call webhook: connect the call, with its facts, to our Media Stream."""
+def stream_twiml(request: Request, form: dict, stream: str) -> str | None:
+    """TwiML that connects the call to our Media Stream at `stream`, with the call's facts:
+    Twilio's fields from the form (or our own query), the call variables from the query."""
     base = public_base_url(request)
     if base is None:
-        return connection.respond(400, "No Host header: set PUBLIC_URL.\n")
+        return None
     query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(request.path).query))
-    facts, cut = call_facts(form, query)
+    facts, cut = call_facts({**query, **form}, query)
     sid = facts.get("CallSid", "?")
-    log.info("[%s] %s call from %s to %s", sid, facts.get("Direction", "incoming"),
-             facts.get("From", "?"), facts.get("To", "?"))
+    log.info("[%s] %s call from %s to %s, to %s", sid, facts.get("Direction", "incoming"),
+             facts.get("From", "?"), facts.get("To", "?"), stream)
     if cut:
         log.warning("[%s] cut %s to fit Twilio's limit of 500 characters per <Parameter>",
                     sid, ", ".join(cut))
     ws_base = "ws" + base.removeprefix("http")  # https://host -> wss://host
-    return respond(connection, 200, connect_twiml(ws_base + stream, facts), "text/xml")
+    return connect_twiml(ws_base + stream, facts)
+
+
+def answer_call(connection: ServerConnection, request: Request, form: dict, *, stream: str):
+    """Answer Twilio's call webhook: connect the call, with its facts, to our Media Stream."""
+    document = stream_twiml(request, form, stream)
+    if document is None:
+        return connection.respond(400, "No Host header: set PUBLIC_URL.\n")
+    return respond(connection, 200, document, "text/xml")
+
+
+def transfer_done(connection: ServerConnection, request: Request, form: dict) -> Response:
+    """The <Dial> of a transfer has ended: hang up after a call, or go back to the agent."""
+    status = form.get("DialCallStatus", "?")
+    log.info("[%s] the transfer ended: %s", form.get("CallSid", "?"), status)
+    if status in ("completed", "answered"):
+        return respond(connection, 200, twiml("<Hangup/>"), "text/xml")
+    return answer_call(connection, request, form, stream="/return-stream")
+
+
+def whisper(connection: ServerConnection, request: Request, form: dict) -> Response:
+    """Tell the person who answers a transfer what it is about, before they are connected."""
+    query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(request.path).query))
+    summary = CONTROL_CHARACTERS.sub("", query.get("summary", ""))[:1000]
+    return respond(connection, 200, twiml(f"<Say>{escape(summary)}</Say>"), "text/xml")
+
+
+async def machine_detected(connection: ServerConnection, request: Request, form: dict):
+    """Twilio's answering-machine verdict on a call we placed: after the beep, leave a
+    voicemail (a fresh stream); hang up on a fax; let a person talk on."""
+    sid, verdict = form.get("CallSid", "?"), form.get("AnsweredBy", "?")
+    logger = CallLog(log, {"call_sid": sid})
+    logger.info("answered by %s (detected in %s ms)", verdict,
+                form.get("MachineDetectionDuration", "?"))
+    document = twiml("<Hangup/>") if verdict == "fax" else None
+    if verdict.startswith("machine_end"):
+        document = stream_twiml(request, form, "/voicemail-stream")
+    if document:
+        await twilio_rest(logger, f"Calls/{sid}.json", [("Twiml", document)], "update the call")
+    return respond(connection, 200, "", "text/plain")
+
+
+def recording_status(connection: ServerConnection, request: Request, form: dict) -> Response:
+    """Log where Twilio keeps a finished recording (RECORD_CALLS)."""
+    log.info("[%s] recording %s: %s", form.get("CallSid", "?"), form.get("RecordingStatus", "?"),
+             form.get("RecordingUrl", "?"))
+    return respond(connection, 200, "", "text/plain")
+
+
+async def calls_api(connection: WebhookConnection, request: Request, form: dict) -> Response:
+    """POST /calls: place an outbound call for an application, as `bridge.py call` does."""
+    if not CALLS_API_TOKEN:
+        return connection.respond(404, "Not Found\n")
+    given = request.headers.get("Authorization", "").encode()
+    if not hmac.compare_digest(given, f"Bearer {CALLS_API_TOKEN}".encode()):
+        return json_response(connection, 401, {"error": "Authorization: Bearer <CALLS_API_TOKEN>"
+                                                        " is needed"})
+    if request.method != "POST":
+        return connection.respond(405, "Method Not Allowed\n")
+    try:
+        to, variables = call_request(connection, request, form)
+    except ValueError as exc:
+        return json_response(connection, 400, {"error": str(exc)})
+    try:
+        sid = await asyncio.to_thread(place_call, public_base_url(request), to, variables)
+    except urllib.error.HTTPError as exc:
+        return json_response(connection, 502, {"error": "Twilio refused the call",
+                                               **twilio_refusal(exc)})
+    except (OSError, ValueError, KeyError) as exc:
+        return json_response(connection, 502, {"error": f"cannot reach Twilio: {exc}"})
+    log.info("[%s] placed a call to %s for the calls API", sid, to)
+    return json_response(connection, 201, {"sid": sid})
+
+
+def call_request(connection: WebhookConnection, request: Request, form: dict):
+    """The number and call variables a POST /calls asks for, as JSON or a form."""
+    fields = form
+    if request.headers.get("Content-Type", "").startswith("application/json"):
+        fields = json.loads(connection.body or b"null")  # a ValueError if it is not JSON
+    if not isinstance(fields, dict):
+        raise ValueError("send a JSON object or a form")
+    to = fields.pop("to", "")
+    if not isinstance(to, str) or not DESTINATION.fullmatch(to):
+        raise ValueError(f"to: {to!r} is not a number in E.164 form (+15551234567)")
+    check_variables(fields)
+    return to, fields
+
+
+def json_response(connection: ServerConnection, status: int, body: dict) -> Response:
+    """A JSON answer, for the calls API."""
+    return respond(connection, status, json.dumps(body) + "\n", "application/json")
 
 
 def call_status(connection: ServerConnection, request: Request, form: dict) -> Response:
@@ -1325,8 +1423,14 @@ WEBHOOKS = {
     "/twiml": partial(answer_call, stream="/stream"),
     "/outbound-twiml": partial(answer_call, stream="/outbound-stream"),
     "/call-status": call_status,
+    "/amd": machine_detected,
+    "/transfer-done": transfer_done,
+    "/whisper": whisper,
+    "/recording-status": recording_status,
+    "/calls": calls_api,
     "/health": health,
 }
+NOT_FROM_TWILIO = {"/health", "/calls"}  # so not signed by Twilio (the calls API has a token)
 
 
 def twilio_signature(url: str, form: list[tuple[str, str]]) -> str:
@@ -1375,7 +1479,7 @@ def signed_by_twilio(connection: WebhookConnection, request: Request, stream: bo
                for url in candidates)
 
 
-def process_request(connection: WebhookConnection, request: Request) -> Response | None:
+async def process_request(connection: WebhookConnection, request: Request) -> Response | None:
     """Answer the plain HTTP webhooks; let Media Stream upgrades through to media_stream()."""
     url = urllib.parse.urlsplit(request.path)
     stream = url.path in STREAMS
@@ -1386,7 +1490,7 @@ def process_request(connection: WebhookConnection, request: Request) -> Response
         return connection.respond(405, "Method Not Allowed\n")
     if draining and not stream:  # a stream belongs to a call already answered: it is let in
         return connection.respond(503, "Shutting down: try another server\n")
-    if TWILIO_AUTH_TOKEN and url.path != "/health" and not signed_by_twilio(
+    if TWILIO_AUTH_TOKEN and url.path not in NOT_FROM_TWILIO and not signed_by_twilio(
             connection, request, stream):
         log.warning("refusing %s %s: no valid X-Twilio-Signature (is TWILIO_AUTH_TOKEN your "
                     "account's auth token, and PUBLIC_URL the URL Twilio calls?)",
@@ -1396,7 +1500,8 @@ def process_request(connection: WebhookConnection, request: Request) -> Response
         return None  # a Media Stream: go on with the WebSocket handshake
     # Twilio sends its fields in a POST's body, or in the query string of a GET.
     form = connection.form or urllib.parse.parse_qsl(url.query, keep_blank_values=True)
-    return webhook(connection, request, dict(form))
+    response = webhook(connection, request, dict(form))
+    return await response if inspect.isawaitable(response) else response
 
 
 def serve_bridge(host: str | None, port: int):
@@ -1454,8 +1559,13 @@ def place_call(base: str, to: str, variables: dict) -> str:
     reached or answers nonsense.
     """
     query = "?" + urllib.parse.urlencode(variables) if variables else ""
+    # Twilio's verdict on an answering machine carries no numbers or variables: they ride on
+    # its callback URL, for the voicemail.
+    facts = {"From": TWILIO_PHONE_NUMBER, "To": to, "Direction": "outbound-api", **variables}
     form = [("To", to), ("From", TWILIO_PHONE_NUMBER), ("Url", f"{base}/outbound-twiml{query}"),
-            ("StatusCallback", f"{base}/call-status")]
+            ("StatusCallback", f"{base}/call-status"), ("MachineDetection", "DetectMessageEnd"),
+            ("AsyncAmd", "true"), ("AsyncAmdStatusCallbackMethod", "POST"),
+            ("AsyncAmdStatusCallback", f"{base}/amd?{urllib.parse.urlencode(facts)}")]
     form += [("StatusCallbackEvent", e) for e in ("initiated", "ringing", "answered", "completed")]
     return twilio_api("Calls.json", form)["sid"]
 
@@ -1553,7 +1663,7 @@ def check_settings() -> None:
         raise SystemExit("ASSEMBLYAI_API_KEY is not set: copy .env.example to .env and fill it in")
     if not PORT.isdigit() or not 0 < int(PORT) < 65536:
         raise SystemExit(f"PORT={PORT} is not a port number (1-65535)")
-    for name in ("MAX_CALL_SECONDS", "DRAIN_SECONDS", "SILENCE_SECONDS"):
+    for name in ("MAX_CALL_SECONDS", "DRAIN_SECONDS", "SILENCE_SECONDS", "TRANSFER_RING_SECONDS"):
         if not re.fullmatch(r"\d+(\.\d*)?", globals()[name]):
             raise SystemExit(f"{name}={globals()[name]} is not a number of seconds")
     if PUBLIC_URL and not PUBLIC_URL.startswith(("https://", "http://")):

@@ -1755,7 +1755,11 @@ class OutboundCommand(unittest.IsolatedAsyncioTestCase):
             "To": ["+15551234567"], "From": ["+15550009999"],
             "Url": ["https://abc.ngrok.app/outbound-twiml"],
             "StatusCallback": ["https://abc.ngrok.app/call-status"],
-            "StatusCallbackEvent": ["initiated", "ringing", "answered", "completed"]})
+            "StatusCallbackEvent": ["initiated", "ringing", "answered", "completed"],
+            "MachineDetection": ["DetectMessageEnd"], "AsyncAmd": ["true"],
+            "AsyncAmdStatusCallback": ["https://abc.ngrok.app/amd?From=%2B15550009999&"
+                                       "To=%2B15551234567&Direction=outbound-api"],
+            "AsyncAmdStatusCallbackMethod": ["POST"]})
 
     async def test_call_variables_ride_on_the_webhook_url(self):
         """name=value arguments become the query of the Url Twilio will fetch (and sign)."""
