@@ -13,6 +13,7 @@ import hmac
 import http.client
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -50,6 +51,38 @@ def stream_parameters(twiml: str) -> list[tuple[str, str]]:
     """The <Parameter>s of the TwiML's one <Stream>, as (name, value) pairs, as Twilio reads them."""
     stream, = ElementTree.fromstring(twiml).iter("Stream")
     return [(parameter.get("name"), parameter.get("value")) for parameter in stream]
+
+
+def ulaw_to_linear(byte: int) -> int:
+    """One G.711 mu-law byte as a 16-bit sample (the decoder every phone has)."""
+    byte = ~byte & 0xFF
+    magnitude = (((byte & 0x0F) << 3) + 0x84) << ((byte & 0x70) >> 4)
+    return 0x84 - magnitude if byte & 0x80 else magnitude - 0x84
+
+
+def goertzel(samples: list[int], hz: float) -> float:
+    """The power of one frequency in 8 kHz samples."""
+    coefficient = 2 * math.cos(2 * math.pi * hz / 8000)
+    before, last = 0.0, 0.0
+    for sample in samples:
+        before, last = last, sample + coefficient * last - before
+    return last * last + before * before - coefficient * last * before
+
+
+def dtmf_keys(mulaw: bytes) -> str:
+    """The keys whose DTMF tones sound in this audio, one per burst of tone, in order."""
+    keys, previous = "", None
+    for start in range(0, len(mulaw), 320):  # 40 ms blocks
+        samples = [ulaw_to_linear(byte) for byte in mulaw[start:start + 320]]
+        low = max((697, 770, 852, 941), key=lambda hz: goertzel(samples, hz))
+        high = max((1209, 1336, 1477, 1633), key=lambda hz: goertzel(samples, hz))
+        tone = min(goertzel(samples, low), goertzel(samples, high)) > 1e10
+        key = "123A456B789C*0#D"[(697, 770, 852, 941).index(low) * 4
+                                 + (1209, 1336, 1477, 1633).index(high)] if tone else None
+        if key and key != previous:
+            keys += key
+        previous = key
+    return keys
 
 
 # --------------------------------------------------------------------------- fakes
@@ -148,8 +181,9 @@ class TwilioStream(Peer):
                    headers: dict | None = None, parameters: dict | None = None):
         """Open a Media Stream as Twilio does, signed if the bridge has TWILIO_AUTH_TOKEN."""
         if bridge.TWILIO_AUTH_TOKEN and headers is None:
-            headers = {"X-Twilio-Signature": signature(
-                bridge.TWILIO_AUTH_TOKEN, f"wss://127.0.0.1:{port}{path}")}
+            host = bridge.PUBLIC_URL.partition("://")[2] or f"127.0.0.1:{port}"
+            headers = {"X-Twilio-Signature": signature(bridge.TWILIO_AUTH_TOKEN,
+                                                       f"wss://{host}{path}")}
         stream = cls(await connect(f"ws://127.0.0.1:{port}{path}", compression=None,
                                    additional_headers=headers))
         stream.call_sid, stream.stream_sid = call_sid, "MZ" + call_sid[2:]
@@ -407,6 +441,22 @@ class BridgeTest(unittest.IsolatedAsyncioTestCase):
         await agent.send({"type": "reply.done", "reply_id": "reply_tool", "status": "completed"})
         return (await agent.wait_for(lambda a: a.of("type", "tool.result")))[0]
 
+    async def callback(self, path: str, form: dict) -> tuple[int, str]:
+        """POST a form as Twilio does, to https://abc.ngrok.app, signed if the bridge checks."""
+        headers = {"Host": "abc.ngrok.app"}
+        if bridge.TWILIO_AUTH_TOKEN:
+            headers["X-Twilio-Signature"] = signature(bridge.TWILIO_AUTH_TOKEN,
+                                                      "https://abc.ngrok.app" + path, form)
+        status, _, body = await self.http("POST", path, form=form, headers=headers)
+        return status, body
+
+    async def follow(self, document: str, call_sid: str) -> tuple[TwilioStream, AgentSession]:
+        """Do what Twilio does with TwiML that connects a stream: open it, with its parameters."""
+        url = ElementTree.fromstring(document).find("Connect/Stream").get("url")
+        twilio = await TwilioStream.open(self.port, urllib.parse.urlsplit(url).path, call_sid,
+                                         parameters=dict(stream_parameters(document)))
+        return twilio, await self.agent.next_session()
+
     async def round_trip(self, twilio: TwilioStream, agent: AgentSession, tag="sync"):
         """Send one caller frame and wait until the agent has it: all before it has arrived."""
         frame = audio(tag, len(agent.audio_in()))
@@ -557,7 +607,8 @@ class Signatures(BridgeTest):
         """Signed: 200. Changed field, other URL, no header: 403, and a log line says why."""
         form = {"CallSid": "CA" + "a" * 32, "From": "+15550001111", "CallStatus": "ringing",
                 "ForwardedFrom": ""}  # an empty field is signed too
-        for path in ("/twiml", "/outbound-twiml", "/call-status"):
+        for path in ("/twiml", "/outbound-twiml", "/call-status", "/amd", "/transfer-done",
+                     "/whisper", "/recording-status"):
             with self.subTest(path=path):
                 url = "https://abc.ngrok.app" + path
                 self.assertEqual(await self.post(path, form, url), 200)
@@ -1400,6 +1451,299 @@ class Silence(BridgeTest):
         await self.next_steer(agent, 1)
         self.assertEqual([m["type"] for m in agent.received if m["type"] != "input.audio"][-2:],
                          ["tool.result", "reply.create"])
+
+
+class Voicemail(BridgeTest):
+    """Outbound calls ask for answering-machine detection; a machine gets a voicemail."""
+
+    SID = "CA" + "9" * 32
+    AMD = "/amd?From=%2B15552223333&To=%2B15550001111&Direction=outbound-api&name=Ada"
+
+    async def verdict(self, answered_by: str) -> int:
+        status, _ = await self.callback(self.AMD, {
+            "CallSid": self.SID, "AccountSid": "AC" + "0" * 32, "AnsweredBy": answered_by,
+            "MachineDetectionDuration": "4100"})
+        return status
+
+    async def test_every_verdict(self):
+        """A person or unknown: nothing changes. A fax: hang up. After the beep: a voicemail."""
+        rest = await self.twilio_api(**{self.SID: 200})
+        for answered_by in ("human", "unknown", "machine_start"):
+            self.assertEqual(await self.verdict(answered_by), 200)
+            await self.log.wait_for(rf"^\[CA9{{32}}\] answered by {answered_by} \(detected in "
+                                    r"4100 ms\)$")
+        self.assertEqual(rest.requests, [])  # each callback is answered after acting on it
+        self.assertEqual(await self.verdict("fax"), 200)
+        request = await rest.next_request()
+        self.assertEqual(request["form"]["Twiml"], ['<?xml version="1.0" encoding="UTF-8"?>\n'
+                                                    "<Response><Hangup/></Response>"])
+        for answered_by in ("machine_end_beep", "machine_end_silence", "machine_end_other"):
+            self.assertEqual(await self.verdict(answered_by), 200)
+            document = (await rest.next_request())["form"]["Twiml"][0]
+            url = ElementTree.fromstring(document).find("Connect/Stream").get("url")
+            self.assertEqual(url, "wss://abc.ngrok.app/voicemail-stream")
+            self.assertEqual(stream_parameters(document), [
+                ("From", "+15552223333"), ("To", "+15550001111"), ("Direction", "outbound-api"),
+                ("CallSid", self.SID), ("AnsweredBy", answered_by), ("name", "Ada")])
+
+    async def test_the_voicemail_is_spoken_then_the_call_ends(self):
+        """The agent leaves its voicemail, hears nothing of the machine, and hangs up after."""
+        rest = await self.twilio_api(**{self.SID: 200})
+        await self.verdict("machine_end_beep")
+        document = (await rest.next_request())["form"]["Twiml"][0]
+        twilio, agent = await self.follow(document, self.SID)
+        session = (await agent.wait_for(lambda a: a.of("type", "session.update")))[0]["session"]
+        self.assertEqual(session["greeting"], "Hi, this is your AI assistant. Sorry we missed "
+                                              "you: please call us back. Goodbye.")
+        self.assertIn('AnsweredBy: "machine_end_beep"', session["system_prompt"])
+        await agent.send({"type": "session.ready", "session_id": "sess_vm"})
+        await self.log.wait_for("agent session sess_vm ready")
+        await twilio.media(audio("the machine", 0))
+        message = [audio("voicemail", n, 300) for n in range(3)]
+        await agent.speak("reply_vm", message)
+        mark, = await twilio.wait_for(lambda t: t.of("event", "mark"))
+        self.assertEqual(twilio.played(), message)
+        await twilio.echo_mark(mark["mark"]["name"])
+        await agent.wait_for(lambda a: a.of("type", "session.end"))
+        self.assertEqual(await twilio.closed(), 1000)
+        self.assertEqual(agent.audio_in(), [])
+        await self.log.wait_for(r"^\[CA9{32}\] call ended after [\d.]+ s \(the voicemail was "
+                                r"left: the agent hung up\), agent session sess_vm:")
+
+
+class Transfers(BridgeTest):
+    """Named destinations, a whisper for whoever answers, and a way back if nobody does."""
+
+    SID = "CA" + "7" * 32
+    CALLER = {"From": "+15550001111", "To": "+15552223333", "Direction": "inbound",
+              "CallSid": SID, "name": "Ada"}
+
+    async def asyncSetUp(self):
+        await super().asyncSetUp()
+        self.rest = await self.twilio_api(**{self.SID: 200})
+        self.settings(PUBLIC_URL="https://abc.ngrok.app")
+        self.agents(transfers={"sales": "+15557650001", "billing": "sip:billing@example.com"})
+
+    async def transfer(self, arguments: dict) -> tuple[TwilioStream, AgentSession, dict]:
+        """Have the agent ask for a transfer; return the call, its agent, and the tool.result."""
+        twilio, agent = await self.start_call(call_sid=self.SID, parameters=self.CALLER)
+        await agent.send({"type": "reply.started", "reply_id": "reply_tool"})
+        await agent.send({"type": "tool.call", "call_id": "c1", "name": "transfer_call",
+                          "arguments": arguments})
+        await agent.send({"type": "reply.done", "reply_id": "reply_tool"})
+        result, = await agent.wait_for(lambda a: a.of("type", "tool.result"))
+        return twilio, agent, result
+
+    async def test_a_named_transfer_whispers_then_comes_back_when_nobody_answers(self):
+        """billing: Dial with a whisper; no-answer brings the caller back to an agent who knows."""
+        twilio, agent, result = await self.transfer({
+            "destination": "billing", "summary": "Ada wants a refund for order A-1001."})
+        schema, = [tool["parameters"] for tool in agent.of("type", "session.update")[0][
+            "session"]["tools"] if tool["name"] == "transfer_call"]
+        self.assertEqual((schema["properties"]["destination"], schema["required"]),
+                         ({"type": "string", "enum": ["sales", "billing"]}, ["destination"]))
+        self.assertFalse(result["is_error"])
+        await agent.speak("reply_handoff", [audio("handoff", 0, 300)])
+        mark, = await twilio.wait_for(lambda t: t.of("event", "mark"))
+        await twilio.echo_mark(mark["mark"]["name"])
+        dial = ElementTree.fromstring((await self.rest.next_request())["form"]["Twiml"][0])[0]
+        self.assertEqual((dial.tag, dial.get("timeout"), dial[0].tag, dial[0].text),
+                         ("Dial", "20", "Sip", "sip:billing@example.com"))
+        self.assertEqual(await twilio.closed(), 1000)
+        whisper = dial[0].get("url").removeprefix("https://abc.ngrok.app")
+        self.assertEqual(await self.callback(whisper, {"CallSid": "CA" + "8" * 32}), (
+            200, '<?xml version="1.0" encoding="UTF-8"?>\n<Response><Say>Ada wants a refund '
+                 "for order A-1001.</Say></Response>"))
+        action = dial.get("action").removeprefix("https://abc.ngrok.app")
+        status, document = await self.callback(action, {
+            **{key: value for key, value in self.CALLER.items() if key != "name"},
+            "DialCallStatus": "no-answer", "DialCallSid": "CA" + "8" * 32})
+        self.assertEqual(status, 200)
+        back, fresh = await self.follow(document, self.SID)
+        session = (await fresh.wait_for(lambda a: a.of("type", "session.update")))[0]["session"]
+        self.assertNotIn("greeting", session)
+        self.assertIn('DialCallStatus: "no-answer"\nname: "Ada"\ntransfer_to: "billing"',
+                      session["system_prompt"])
+        await fresh.send({"type": "session.ready", "session_id": "sess_back"})
+        steer, = await fresh.wait_for(lambda a: a.of("type", "reply.create"))
+        self.assertEqual(steer["instructions"], bridge.TRANSFER_FAILED.format(
+            transfer_to="billing", DialCallStatus="no-answer"))
+
+    async def test_a_transfer_that_was_taken_ends_the_call_after_it(self):
+        """When the transferred call completes, the caller's call hangs up."""
+        status, document = await self.callback("/transfer-done?transfer_to=sales", {
+            **self.CALLER, "DialCallStatus": "completed", "DialCallDuration": "42"})
+        self.assertEqual((status, document), (200, '<?xml version="1.0" encoding="UTF-8"?>\n'
+                                                   "<Response><Hangup/></Response>"))
+
+    async def test_an_unknown_destination_is_refused_and_nothing_is_dialed(self):
+        """A destination the agent does not have gets an error result; the call goes on."""
+        twilio, agent, result = await self.transfer({"destination": "the moon"})
+        self.assertTrue(result["is_error"])
+        self.assertIn("no destination 'the moon': choose one of sales, billing",
+                      result["result"])
+        await self.round_trip(twilio, agent)
+        self.assertEqual(self.rest.requests, [])
+
+
+class KeysOut(BridgeTest):
+    """send_digits plays DTMF tones into the call, in-band, and answers once they are heard."""
+
+    async def press(self, agent: AgentSession, digits: str):
+        await agent.send({"type": "reply.started", "reply_id": "reply_menu"})
+        await agent.send({"type": "tool.call", "call_id": "c1", "name": "send_digits",
+                          "arguments": {"digits": digits}})
+        await agent.send({"type": "reply.done", "reply_id": "reply_menu"})
+
+    async def test_tones_play_after_the_agent_audio_and_the_result_waits_for_them(self):
+        """1w2#9: the tones decode as 1, 2, #, 9 with a half-second pause; then the result."""
+        twilio, agent = await self.start_call()
+        before = len(twilio.played())
+        await self.press(agent, "1w2#9")
+        mark, = await twilio.wait_for(lambda t: t.of("event", "mark"))
+        tones = b"".join(base64.b64decode(payload) for payload in twilio.played()[before:])
+        self.assertEqual(dtmf_keys(tones), "12#9")
+        self.assertEqual(len(tones), 4 * 1600 + 4000)  # 100 ms tone + 100 ms gap each; 0.5 s
+        await self.round_trip(twilio, agent)
+        self.assertEqual(agent.of("type", "tool.result"), [])  # not heard yet
+        await twilio.echo_mark(mark["mark"]["name"])
+        result, = await agent.wait_for(lambda a: a.of("type", "tool.result"))
+        self.assertEqual((result["result"], result["is_error"]), ('"Pressed 1w2#9."', False))
+
+    async def test_the_far_end_talking_does_not_cut_the_tones(self):
+        """A phone menu that keeps talking (input.speech.started) gets no clear while keys play."""
+        twilio, agent = await self.start_call()
+        await self.press(agent, "5")
+        mark, = await twilio.wait_for(lambda t: t.of("event", "mark"))
+        await agent.send({"type": "input.speech.started"})
+        await self.round_trip(twilio, agent)
+        self.assertEqual(twilio.of("event", "clear"), [])
+        await twilio.echo_mark(mark["mark"]["name"])
+        await agent.speak("reply_2", [])  # a turn began: the result waits for its reply.done
+        result, = await agent.wait_for(lambda a: a.of("type", "tool.result"))
+        self.assertFalse(result["is_error"])
+
+    async def test_tones_cleared_before_they_played_are_reported(self):
+        """If the agent's next reply is interrupted, the clear drops the tones: an error result."""
+        twilio, agent = await self.start_call()
+        await self.press(agent, "5")
+        mark, = await twilio.wait_for(lambda t: t.of("event", "mark"))
+        await agent.speak("reply_next", [], status="interrupted")
+        await twilio.wait_for(lambda t: t.of("event", "clear"))
+        await twilio.echo_mark(mark["mark"]["name"])  # as Twilio does after a clear
+        result, = await agent.wait_for(lambda a: a.of("type", "tool.result"))
+        self.assertTrue(result["is_error"])
+        self.assertIn("cut off", result["result"])
+
+    async def test_keys_a_phone_has_not_are_refused(self):
+        """Digits outside 0-9, *, # and w get an error result, and no tone is played."""
+        twilio, agent = await self.start_call()
+        before = len(twilio.played())
+        await self.press(agent, "12x")
+        result, = await agent.wait_for(lambda a: a.of("type", "tool.result"))
+        self.assertTrue(result["is_error"])
+        self.assertIn("use only 0-9, *, # and w", result["result"])
+        self.assertEqual(twilio.played()[before:], [])
+
+
+class Recording(BridgeTest):
+    """RECORD_CALLS=true: each call is recorded through Twilio, and the recording logged."""
+
+    async def test_a_call_is_recorded_in_two_channels_and_its_recording_logged(self):
+        """When its stream starts, Twilio is asked for a dual recording; its URL is logged."""
+        sid = "CA" + "5" * 32
+        rest = await self.twilio_api()
+        path = f"/2010-04-01/Accounts/AC{'0' * 32}/Calls/{sid}/Recordings.json"
+        rest.answers[path] = (201, {"sid": "RE" + "1" * 32, "status": "in-progress"})
+        self.settings(RECORD_CALLS=True, PUBLIC_URL="https://abc.ngrok.app")
+        await self.start_call(call_sid=sid)
+        request = await rest.next_request()
+        self.assertEqual((request["path"], request["form"]), (path, {
+            "RecordingChannels": ["dual"], "RecordingStatusCallbackEvent": ["completed"],
+            "RecordingStatusCallback": ["https://abc.ngrok.app/recording-status"]}))
+        url = f"https://api.twilio.com/2010-04-01/Accounts/AC{'0' * 32}/Recordings/RE{'1' * 32}"
+        status, _ = await self.callback("/recording-status", {
+            "CallSid": sid, "RecordingSid": "RE" + "1" * 32, "RecordingStatus": "completed",
+            "RecordingUrl": url, "RecordingDuration": "42", "RecordingChannels": "2"})
+        self.assertEqual(status, 200)
+        await self.log.wait_for(rf"^\[CA5{{32}}\] recording completed: {url}$")
+
+
+class CallsAPI(BridgeTest):
+    """POST /calls places a call for an application, behind a bearer token."""
+
+    CALLS = "/2010-04-01/Accounts/AC" + "0" * 32 + "/Calls.json"
+
+    async def asyncSetUp(self):
+        await super().asyncSetUp()
+        self.rest = await self.twilio_api()
+        self.rest.answers[self.CALLS] = (201, {"sid": "CA" + "f" * 32})
+        self.settings(CALLS_API_TOKEN="app-token", TWILIO_PHONE_NUMBER="+15552223333",
+                      PUBLIC_URL="https://abc.ngrok.app")
+
+    async def post(self, token: str | None = "app-token", form: dict | None = None,
+                   data: object = None, method: str = "POST") -> tuple[int, object]:
+        """Call the API as an application would: a form, or JSON, with a bearer token."""
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        body = None
+        if data is not None:
+            headers["Content-Type"], body = "application/json", json.dumps(data)
+        status, kind, text = await self.http(method, "/calls", form=form, body=body,
+                                             headers=headers)
+        return status, json.loads(text) if kind == "application/json" else text
+
+    async def test_a_form_or_json_places_the_call_with_its_variables(self):
+        """201 with the call's sid; the variables ride on the webhook URL, as from the CLI."""
+        self.assertEqual(await self.post(form={"to": "+15550001111", "name": "Ada"}),
+                         (201, {"sid": "CA" + "f" * 32}))
+        self.assertEqual(await self.post(data={"to": "sip:desk@example.com", "name": "Bo"}),
+                         (201, {"sid": "CA" + "f" * 32}))
+        self.assertEqual([(r["form"]["To"], r["form"]["Url"]) for r in self.rest.requests], [
+            (["+15550001111"], ["https://abc.ngrok.app/outbound-twiml?name=Ada"]),
+            (["sip:desk@example.com"], ["https://abc.ngrok.app/outbound-twiml?name=Bo"])])
+        await self.log.wait_for(r"^\[CAf{32}\] placed a call to \+15550001111 for the calls API$")
+
+    async def test_a_wrong_or_missing_token_gets_401(self):
+        """The token is the only key: Twilio's signature is not asked for, nor enough."""
+        for token in (None, "wrong", "app-token-and-more"):
+            with self.subTest(token=token):
+                status, _ = await self.post(token, form={"to": "+15550001111"})
+                self.assertEqual(status, 401)
+        self.assertEqual(self.rest.requests, [])
+
+    async def test_without_a_token_setting_the_route_is_not_there(self):
+        """CALLS_API_TOKEN unset: 404, whatever the request carries."""
+        self.settings(CALLS_API_TOKEN="")
+        self.assertEqual((await self.post(form={"to": "+15550001111"}))[0], 404)
+        self.assertEqual((await self.post("", form={"to": "+15550001111"}))[0], 404)
+
+    async def test_bad_requests_get_400_with_the_reason(self):
+        """A bad number, a bad variable, or not JSON: 400 and why; no call is placed."""
+        cases = [
+            ({"form": {"to": "555-1234"}}, "to: '555-1234' is not a number in E.164 form "
+                                           "(+15551234567)"),
+            ({"form": {"to": "+15550001111", "Name": "Ada"}},
+             "'Name' is not a variable name: use lowercase letters, digits and _, starting "
+             "with a letter"),
+            ({"data": {"to": "+15550001111", "note": "x" * 600}},
+             "note is too long: a name and its value must stay under 500 bytes"),
+            ({"data": {"to": "+15550001111", "count": 3}},
+             "count must be text, without control characters"),
+            ({"data": ["+15550001111"]}, "send a JSON object or a form"),
+        ]
+        for request, reason in cases:
+            with self.subTest(request=request):
+                self.assertEqual(await self.post(**request), (400, {"error": reason}))
+        self.assertEqual(self.rest.requests, [])
+
+    async def test_twilios_refusal_gets_502_with_its_code_and_message(self):
+        """Twilio says no: 502, with Twilio's own code and message."""
+        self.rest.answers[self.CALLS] = (400, {"code": 21215, "status": 400, "message":
+                                               "Geo permission configuration is not permitting "
+                                               "call"})
+        self.assertEqual(await self.post(form={"to": "+15550001111"}), (502, {
+            "error": "Twilio refused the call", "code": 21215,
+            "message": "Geo permission configuration is not permitting call"}))
 
 
 class AgentFailures(BridgeTest):
