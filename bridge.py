@@ -433,11 +433,8 @@ def call_facts(fields: dict, variables: dict) -> tuple[dict, list[str]]:
 
 
 def dial_twiml(address: str, action: str, whisper: str) -> str:
-    """Dial a number or SIP address; whoever answers hears the whisper TwiML first.
-
-    When the dialed call ends, or nobody answers within TRANSFER_RING_SECONDS, Twilio asks
-    the action URL what the caller's call does next.
-    """
+    """Dial a number or SIP address; whoever answers hears the whisper first. When the dial
+    ends, answered or not (TRANSFER_RING_SECONDS), Twilio asks `action` what comes next."""
     noun = "Sip" if address.startswith("sip:") else "Number"
     seconds = int(float(TRANSFER_RING_SECONDS))
     return twiml(f'<Dial action={quoteattr(action)} timeout="{seconds}"><{noun} '
@@ -507,11 +504,10 @@ async def twilio_rest(logger, path: str, form: list[tuple[str, str]], doing: str
 
 def twilio_refusal(error: urllib.error.HTTPError) -> dict:
     """Twilio's error code and message for a refused request, as far as it gave them."""
-    try:
+    with suppress(ValueError, AttributeError, TypeError):
         body = json.load(error)
         return {key: body[key] for key in ("code", "message") if body.get(key)}
-    except (ValueError, AttributeError, TypeError):
-        return {}
+    return {}
 
 
 def twilio_error(error: urllib.error.HTTPError) -> str:
@@ -959,11 +955,8 @@ async def hang_up(call: Call, arguments: dict, ending: str) -> None:
 
 
 async def transfer(call: Call, arguments: dict) -> None:
-    """Dial the destination transfer_call chose; its summary is whispered to whoever answers.
-
-    If nobody answers, Twilio asks /transfer-done, which brings the caller back to the agent:
-    the call's variables, and the destination's name, ride on that URL's query.
-    """
+    """Dial the destination transfer_call chose, with its summary as the whisper. The
+    variables, and the destination's name, ride to /transfer-done for the way back."""
     name, address = transfer_target(call.persona, arguments.get("destination", ""))
     base = public_base_url(call.twilio.request)
     variables = {key: value for key, value in call.facts.items() if VARIABLE.fullmatch(key)}
@@ -1396,9 +1389,7 @@ def call_request(connection: WebhookConnection, request: Request, form: dict):
     if not isinstance(fields, dict):
         raise ValueError("send a JSON object or a form")
     to = fields.pop("to", "")
-    if not isinstance(to, str) or not DESTINATION.fullmatch(to):
-        raise ValueError(f"to: {to!r} is not a number in E.164 form (+15551234567)")
-    check_variables(fields)
+    check_call(to, fields)
     return to, fields
 
 
@@ -1532,12 +1523,14 @@ def parse_variables(arguments: list[str]) -> dict:
         if not equals:
             raise ValueError(f"{argument!r} is not name=value")
         variables[name] = value
-    check_variables(variables)
     return variables
 
 
-def check_variables(variables: dict) -> None:
-    """Raise ValueError unless every call variable can ride in a <Parameter> unchanged."""
+def check_call(to: str, variables: dict) -> None:
+    """Raise ValueError unless `to` can be called, and every variable can ride unchanged."""
+    if not isinstance(to, str) or not DESTINATION.fullmatch(to):
+        raise ValueError(f"{to!r} is not a phone number in E.164 form (+15551234567) or a "
+                         "sip: address")
     if len(variables) > MAX_VARIABLES:
         raise ValueError(f"a call takes at most {MAX_VARIABLES} variables")
     for name, value in variables.items():
@@ -1574,8 +1567,7 @@ def call_from_command_line(to: str, arguments: list[str]) -> str:
     """`python bridge.py call +1... name=value...`: place the call, or say plainly why not."""
     try:
         variables = parse_variables(arguments)
-        if not DESTINATION.fullmatch(to):
-            raise ValueError(f"{to!r} is not a phone number in E.164 form (+15551234567)")
+        check_call(to, variables)
     except ValueError as exc:
         print(f"cannot place a call: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -1607,7 +1599,10 @@ def log_what_is_off() -> None:
         log.warning("TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN are not set: if the Voice Agent "
                     "API fails, callers are hung up without a spoken apology, and the agent "
                     "cannot transfer calls")
-    elif not TRANSFER_NUMBER:
+        if RECORD_CALLS:
+            log.warning("RECORD_CALLS is on, but recording needs TWILIO_ACCOUNT_SID and "
+                        "TWILIO_AUTH_TOKEN: calls are not recorded")
+    elif not TRANSFER_NUMBER and not any(agent.get("transfers") for agent in AGENTS.values()):
         log.info("TRANSFER_NUMBER is not set: the agent cannot transfer calls to a person")
 
 
@@ -1692,14 +1687,10 @@ def agent_problem(number: str, agent) -> str:
             return f"{key} must be " + " or ".join(KIND_WORDS[kind] for kind in kinds)
         if key == "tools" and (unknown := [name for name in value if name not in TOOLS]):
             return f"tools names {unknown[0]!r}, which is not in TOOLS"
-        if key == "transfers" and (bad := [v for v in value.values() if not is_address(v)]):
+        if key == "transfers" and (bad := [address for address in value.values() if not (
+                isinstance(address, str) and DESTINATION.fullmatch(address))]):
             return f"transfers: {bad[0]!r} is not a +E.164 number or a sip: address"
     return ""
-
-
-def is_address(value) -> bool:
-    """Whether value is something a transfer can dial: +15551234567, or sip:desk@example.com."""
-    return isinstance(value, str) and bool(DESTINATION.fullmatch(value))
 
 
 AGENT_KEYS = {"system_prompt": (str,), "greeting": (str, tuple), "outbound_greeting": (str, tuple),

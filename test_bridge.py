@@ -1720,8 +1720,8 @@ class CallsAPI(BridgeTest):
     async def test_bad_requests_get_400_with_the_reason(self):
         """A bad number, a bad variable, or not JSON: 400 and why; no call is placed."""
         cases = [
-            ({"form": {"to": "555-1234"}}, "to: '555-1234' is not a number in E.164 form "
-                                           "(+15551234567)"),
+            ({"form": {"to": "555-1234"}}, "'555-1234' is not a phone number in E.164 form "
+                                           "(+15551234567) or a sip: address"),
             ({"form": {"to": "+15550001111", "Name": "Ada"}},
              "'Name' is not a variable name: use lowercase letters, digits and _, starting "
              "with a letter"),
@@ -2124,7 +2124,7 @@ class OutboundCommand(unittest.IsolatedAsyncioTestCase):
             ("+15551234567", "note=" + "x" * 496): "note is too long: a name and its value must "
                                                    "stay under 500 bytes",
             ("5551234567", "name=Ada"): "'5551234567' is not a phone number in E.164 form "
-                                        "(+15551234567)",
+                                        "(+15551234567) or a sip: address",
         }
         for arguments, reason in cases.items():
             with self.subTest(arguments=arguments):
