@@ -415,7 +415,7 @@ def connect_twiml(stream_url: str, facts: dict) -> str:
 def call_facts(fields: dict, variables: dict) -> tuple[dict, list[str]]:
     """The call's facts: Twilio's fields, then its variables; and the names of any cut short.
 
-    Characters XML cannot carry are dropped, and each value is cut to fit a <Parameter>.
+    Control characters are dropped, and each value is cut to fit a <Parameter>.
     """
     chosen = [name for name in variables if VARIABLE.fullmatch(name)][:MAX_VARIABLES]
     named = {**{name: fields.get(name) for name in TWILIO_FACTS},
@@ -797,7 +797,8 @@ def on_silence(call: Call) -> None:
     goodbye = call.silences >= len(SILENCE_NOTES) - 1
     call.log.info("the caller has been silent for %s s: %s", SILENCE_SECONDS,
                   "saying goodbye" if goodbye else "asking whether they are there")
-    steer(call, SILENCE_NOTES[-1 if goodbye else call.silences], "say goodbye" if goodbye else None)
+    note = SILENCE_NOTES[-1 if goodbye else call.silences]
+    steer(call, note, "say goodbye" if goodbye else None)
     call.silences += 1
     call.nudges += 1
 
@@ -982,16 +983,16 @@ CALL_ACTIONS = {
 
 async def redirect(call: Call, document: str) -> bool:
     """Give the live call new TwiML through Twilio's REST API; this ends its Media Stream."""
-    form = [("Twiml", document)]
-    return await twilio_rest(call.log, f"Calls/{call.sid}.json", form, "update the call") is not None
+    path, form = f"Calls/{call.sid}.json", [("Twiml", document)]
+    return await twilio_rest(call.log, path, form, "update the call") is not None
 
 
 async def play(call: Call, payloads: list[str]) -> None:
     """Play audio the bridge made after what is already sent; return once it has been heard."""
     for payload in payloads:
         await call.twilio.send(twilio_media(call.stream_sid, payload))
-    name = f"played-{len(call.marks)}"
-    heard = call.marks[name] = asyncio.get_running_loop().create_future()
+    heard = asyncio.get_running_loop().create_future()
+    call.marks[name := f"played-{id(heard)}"] = heard
     await call.twilio.send(twilio_mark(call.stream_sid, name))
     seconds = sum(len(payload) for payload in payloads) * 3 / 4 / 8000  # of mu-law at 8 kHz
     async with asyncio.timeout(MARK_TIMEOUT + seconds):
@@ -1000,9 +1001,10 @@ async def play(call: Call, payloads: list[str]) -> None:
 
 
 async def record(call: Call) -> None:
-    """Have Twilio record the call, each side on its own channel; it reports to /recording-status."""
+    """Have Twilio record the call, a channel for each side; it reports to /recording-status."""
+    base = public_base_url(call.twilio.request)
     form = [("RecordingChannels", "dual"), ("RecordingStatusCallbackEvent", "completed"),
-            ("RecordingStatusCallback", f"{public_base_url(call.twilio.request)}/recording-status")]
+            ("RecordingStatusCallback", f"{base}/recording-status")]
     if await twilio_rest(call.log, f"Calls/{call.sid}/Recordings.json", form, "record the call"):
         call.log.info("recording the call (RECORD_CALLS)")
 
@@ -1577,7 +1579,8 @@ def call_from_command_line(to: str, arguments: list[str]) -> str:
         raise SystemExit(f"cannot place a call: set {', '.join(missing)} (see .env.example)")
     base = PUBLIC_URL or ngrok_url()
     if not base:
-        raise SystemExit(f"cannot place a call: set PUBLIC_URL, or start ngrok (ngrok http {PORT})")
+        raise SystemExit("cannot place a call: set PUBLIC_URL, or start ngrok "
+                         f"(ngrok http {PORT})")
     try:
         return place_call(base, to, variables)
     except urllib.error.HTTPError as exc:

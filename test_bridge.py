@@ -48,7 +48,7 @@ def signature(token: str, url: str, form: dict | None = None) -> str:
 
 
 def stream_parameters(twiml: str) -> list[tuple[str, str]]:
-    """The <Parameter>s of the TwiML's one <Stream>, as (name, value) pairs, as Twilio reads them."""
+    """The <Parameter>s of the TwiML's one <Stream>, as (name, value) pairs."""
     stream, = ElementTree.fromstring(twiml).iter("Stream")
     return [(parameter.get("name"), parameter.get("value")) for parameter in stream]
 
@@ -709,7 +709,7 @@ class Calls(BridgeTest):
                 "required": ["min", "max"]}})
 
     async def test_outbound_calls_get_their_own_greeting_and_the_voice(self):
-        """An outbound stream gets the outbound greeting; the agent's voice goes in output.voice."""
+        """An outbound stream gets the outbound greeting; the agent's voice is output.voice."""
         self.agents(voice="river")
         await TwilioStream.open(self.port, "/outbound-stream")
         agent = await self.agent.next_session()
@@ -1420,7 +1420,8 @@ class Silence(BridgeTest):
         await twilio.echo_mark(last["mark"]["name"])
         await agent.wait_for(lambda a: a.of("type", "session.end"))
         self.assertEqual(await twilio.closed(), 1000)
-        await self.log.wait_for(r"^\[CAc{32}\] call ended .*; silence nudges 2;")
+        await self.log.wait_for(r"^\[CAc{32}\] call ended after [\d.]+ s \(the caller stayed "
+                                r"silent: the agent hung up\).*; silence nudges 2;")
 
     async def test_caller_speech_starts_the_count_over(self):
         """After a nudge, speech: the next silence brings a nudge again, not the goodbye."""
