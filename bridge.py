@@ -1050,13 +1050,11 @@ def new_call(twilio: ServerConnection, start: dict) -> Call:
     stream = STREAMS[urllib.parse.urlsplit(twilio.request.path).path]
     parameters = start.get("customParameters")
     parameters = parameters if isinstance(parameters, dict) else {}
-    facts, cut = call_facts(parameters, parameters)
+    facts, _ = call_facts(parameters, parameters)  # bounded, as the webhook bounded them
     persona = agent_for(numbers(facts)[0])
     greetings = persona[stream["greeting"]] if "greeting" in stream else ""
     call = Call(sid=start["callSid"], stream_sid=start["streamSid"], twilio=twilio, stream=stream,
                 persona=persona, facts=facts, greeting=fill(greetings, facts))
-    if cut:
-        call.log.warning("cut call facts to fit: %s", ", ".join(cut))
     if call.greeting is None and greetings:
         call.log.warning("no greeting: the call lacks the facts its %s needs", stream["greeting"])
     if instructions := fill(stream.get("steer", ""), facts):
@@ -1517,17 +1515,6 @@ def ngrok_url() -> str:
         return ""
 
 
-def parse_variables(arguments: list[str]) -> dict:
-    """Call variables from name=value arguments; a ValueError says what is wrong."""
-    variables = {}
-    for argument in arguments:
-        name, equals, value = argument.partition("=")
-        if not equals:
-            raise ValueError(f"{argument!r} is not name=value")
-        variables[name] = value
-    return variables
-
-
 def check_call(to: str, variables: dict) -> None:
     """Raise ValueError unless `to` can be called, and every variable can ride unchanged."""
     if not isinstance(to, str) or not DESTINATION.fullmatch(to):
@@ -1568,7 +1555,9 @@ def place_call(base: str, to: str, variables: dict) -> str:
 def call_from_command_line(to: str, arguments: list[str]) -> str:
     """`python bridge.py call +1... name=value...`: place the call, or say plainly why not."""
     try:
-        variables = parse_variables(arguments)
+        if unpaired := [argument for argument in arguments if "=" not in argument]:
+            raise ValueError(f"{unpaired[0]!r} is not name=value")
+        variables = dict(argument.split("=", 1) for argument in arguments)
         check_call(to, variables)
     except ValueError as exc:
         print(f"cannot place a call: {exc}", file=sys.stderr)
