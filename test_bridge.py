@@ -877,23 +877,6 @@ class CallFacts(BridgeTest):
         self.assertEqual(json.loads(result["result"]),
                          {"name": "Ada Lovelace", "open_orders": ["A-1001, ships Friday"]})
 
-    async def test_a_fresh_session_after_a_lost_one_carries_the_facts_again(self):
-        """When a session cannot be resumed, the new one has the facts, and no greeting."""
-        self.settings(RETRY_DELAYS=(0, 0.01))
-        twilio, agent = await self.start_call(parameters={"From": "+15550001111", "name": "Ada"})
-        first_prompt = agent.of("type", "session.update")[0]["session"]["system_prompt"]
-        self.assertIn('name: "Ada"', first_prompt)
-        await agent.ws.close(1011, "internal error")
-        again = await self.agent.next_session()
-        await again.wait_for(lambda a: a.of("type", "session.resume"))
-        await again.send({"type": "session.error", "code": "session_not_found",
-                          "message": "no such session"})
-        await again.ws.close(1008, "session_not_found")
-        fresh = await self.agent.next_session()
-        update = (await fresh.wait_for(lambda a: a.of("type", "session.update")))[0]
-        self.assertEqual(update["session"]["system_prompt"], first_prompt)
-        self.assertNotIn("greeting", update["session"])
-
     async def test_call_variables_travel_from_the_command_line_to_the_prompt(self):
         """bridge.py call ... name=Ada: signed webhook URL, <Parameter>s, prompt and greeting."""
         rest = await FakeHTTP({OutboundCommand.CALLS: (201, {"sid": "CA" + "f" * 32})}).start()
@@ -1891,9 +1874,12 @@ class AgentReconnects(BridgeTest):
         await self.log.wait_for(r"agent reconnects 1$")
 
     async def test_session_the_server_forgot_is_replaced_without_a_greeting(self):
-        """If resume fails with session_not_found, a new session starts, and does not greet."""
+        """If resume fails with session_not_found, a new session starts with the call's facts
+        again, and does not greet."""
         self.settings(RETRY_DELAYS=(0, 0.01, 0.01))
-        twilio, agent = await self.start_call()
+        twilio, agent = await self.start_call(parameters={"From": "+15550001111", "name": "Ada"})
+        first_prompt = agent.of("type", "session.update")[0]["session"]["system_prompt"]
+        self.assertIn('name: "Ada"', first_prompt)
         await agent.ws.close(1011, "internal error")
         again = await self.agent.next_session()
         await again.wait_for(lambda a: a.of("type", "session.resume"))
@@ -1904,7 +1890,7 @@ class AgentReconnects(BridgeTest):
         update = (await fresh.wait_for(lambda a: a.received and a.received))[0]
         self.assertEqual(update["type"], "session.update")
         self.assertNotIn("greeting", update["session"])
-        self.assertEqual(update["session"]["system_prompt"], bridge.SYSTEM_PROMPT)
+        self.assertEqual(update["session"]["system_prompt"], first_prompt)
         await fresh.send({"type": "session.ready", "session_id": "sess_new"})
         await self.round_trip(twilio, fresh)
 
