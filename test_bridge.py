@@ -786,12 +786,14 @@ class CallFacts(BridgeTest):
     """The call's facts ride with it: <Parameter>s in the TwiML, back in start, into the prompt."""
 
     async def test_twiml_carries_twilios_fields_and_the_call_variables(self):
-        """POST /twiml?name=...: From, To, CallerName, Direction, CallSid and the variables."""
+        """POST /twiml?name=...: From, To, CallerName, Direction, CallSid, and the variables
+        (from the URL only: Twilio's fields come in the body)."""
         sid = "CA" + "2" * 32
         _, _, body = await self.http("POST", "/twiml?name=Ada&reason=a%20visit", form={
             "CallSid": sid, "AccountSid": "AC" + "0" * 32, "From": "+15550001111",
             "To": "+15552223333", "CallerName": "LOVELACE ADA", "Direction": "inbound",
-            "CallStatus": "ringing"}, headers={"Host": "abc.ngrok.app"})
+            "CallStatus": "ringing", "forged": "not from the URL"},
+            headers={"Host": "abc.ngrok.app"})
         self.assertEqual(stream_parameters(body), [
             ("From", "+15550001111"), ("To", "+15552223333"), ("CallerName", "LOVELACE ADA"),
             ("Direction", "inbound"), ("CallSid", sid), ("name", "Ada"), ("reason", "a visit")])
@@ -1520,8 +1522,9 @@ class Transfers(BridgeTest):
 
     async def test_a_named_transfer_whispers_then_comes_back_when_nobody_answers(self):
         """billing: Dial with a whisper; no-answer brings the caller back to an agent who knows."""
-        twilio, agent, result = await self.transfer({
-            "destination": "billing", "summary": "Ada wants a refund for order A-1001."})
+        summary = 'Ada wants a refund for order A-1001 & a "<callback>".'
+        twilio, agent, result = await self.transfer({"destination": "billing",
+                                                     "summary": summary})
         schema, = [tool["parameters"] for tool in agent.of("type", "session.update")[0][
             "session"]["tools"] if tool["name"] == "transfer_call"]
         self.assertEqual((schema["properties"]["destination"], schema["required"]),
@@ -1535,9 +1538,9 @@ class Transfers(BridgeTest):
                          ("Dial", "20", "Sip", "sip:billing@example.com"))
         self.assertEqual(await twilio.closed(), 1000)
         whisper = dial[0].get("url").removeprefix("https://abc.ngrok.app")
-        self.assertEqual(await self.callback(whisper, {"CallSid": "CA" + "8" * 32}), (
-            200, '<?xml version="1.0" encoding="UTF-8"?>\n<Response><Say>Ada wants a refund '
-                 "for order A-1001.</Say></Response>"))
+        status, document = await self.callback(whisper, {"CallSid": "CA" + "8" * 32})
+        self.assertEqual((status, ElementTree.fromstring(document).find("Say").text),
+                         (200, summary))
         action = dial.get("action").removeprefix("https://abc.ngrok.app")
         status, document = await self.callback(action, {
             **{key: value for key, value in self.CALLER.items() if key != "name"},
