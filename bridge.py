@@ -110,7 +110,7 @@ TWILIO_FACTS = ("From", "To", "CallerName", "Direction", "CallSid", "AnsweredBy"
                 "DialCallStatus")
 VARIABLE = re.compile(r"[a-z][a-z0-9_]*")  # the name of a call variable
 E164 = re.compile(r"\+[1-9]\d{1,14}")  # a phone number: +15551234567
-DESTINATION = re.compile(r"\+[1-9]\d{1,14}|sip:[^\s<>\"']+")  # what we can dial: E.164, SIP
+DESTINATION = re.compile(E164.pattern + r"|sip:[^\s<>\"']+")  # what we can dial: E.164, SIP
 PLACEHOLDER = re.compile(r"\{(\w+)\}")  # {name} in a greeting
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff\ufffe\uffff]")  # dropped from facts
 
@@ -159,8 +159,8 @@ def numbers(call: dict) -> tuple[str, str]:
 
 def look_up_caller(call: dict) -> dict:
     """Find the customer on the line by their phone number, from the call's facts."""
-    number = numbers(call)[1]
-    return CUSTOMERS.get(number) or {"found": False, "number": number}
+    _, theirs = numbers(call)
+    return CUSTOMERS.get(theirs) or {"found": False, "number": theirs}
 
 
 async def end_call() -> str:
@@ -170,7 +170,8 @@ async def end_call() -> str:
 
 def transfer_call(call: dict, destination: str = "", summary: str = "") -> str:
     """Agree to transfer; the bridge dials once the hand-off has played (see transfer)."""
-    transfer_target(agent_for(numbers(call)[0]), destination)  # a ValueError if there is none
+    ours, _ = numbers(call)
+    transfer_target(agent_for(ours), destination)  # a ValueError if there is no such place
     return "The caller is transferred after your next sentence: say you are putting them through."
 
 
@@ -965,7 +966,7 @@ async def transfer(call: Call, arguments: dict) -> None:
     whisper = f"{base}/whisper?" + urllib.parse.urlencode({"summary": arguments.get("summary")
                                                            or f"A caller for {name}."})
     call.log.info("transferring the caller to %s (%s)", name, address)
-    if await redirect(call, dial_twiml(address, action, whisper)):
+    if await redirect(call.log, call.sid, dial_twiml(address, action, whisper)):
         call.ending = f"transferred to {name}"
         call.over.set()
     else:
@@ -981,10 +982,10 @@ CALL_ACTIONS = {
 }
 
 
-async def redirect(call: Call, document: str) -> bool:
-    """Give the live call new TwiML through Twilio's REST API; this ends its Media Stream."""
-    path, form = f"Calls/{call.sid}.json", [("Twiml", document)]
-    return await twilio_rest(call.log, path, form, "update the call") is not None
+async def redirect(logger, call_sid: str, document: str) -> bool:
+    """Give a live call new TwiML through Twilio's REST API; this ends its Media Stream."""
+    path, form = f"Calls/{call_sid}.json", [("Twiml", document)]
+    return await twilio_rest(logger, path, form, "update the call") is not None
 
 
 async def play(call: Call, payloads: list[str]) -> None:
@@ -1014,7 +1015,7 @@ async def apologize(call: Call) -> None:
     if not twilio_credentials():
         call.log.warning("hanging up without a spoken apology: set TWILIO_ACCOUNT_SID and "
                          "TWILIO_AUTH_TOKEN so that callers hear one")
-    elif await redirect(call, say_twiml(APOLOGY)):
+    elif await redirect(call.log, call.sid, say_twiml(APOLOGY)):
         call.log.info("the caller hears an apology, then the call ends")
         call.ending = "the caller heard an apology"
 
@@ -1051,7 +1052,8 @@ def new_call(twilio: ServerConnection, start: dict) -> Call:
     parameters = start.get("customParameters")
     parameters = parameters if isinstance(parameters, dict) else {}
     facts, _ = call_facts(parameters, parameters)  # bounded, as the webhook bounded them
-    persona = agent_for(numbers(facts)[0])
+    ours, _ = numbers(facts)
+    persona = agent_for(ours)
     greetings = persona[stream["greeting"]] if "greeting" in stream else ""
     call = Call(sid=start["callSid"], stream_sid=start["streamSid"], twilio=twilio, stream=stream,
                 persona=persona, facts=facts, greeting=fill(greetings, facts))
@@ -1345,7 +1347,7 @@ async def machine_detected(connection: ServerConnection, request: Request, form:
     if verdict.startswith("machine_end"):
         document = stream_twiml(request, form, "/voicemail-stream")
     if document:
-        await twilio_rest(logger, f"Calls/{sid}.json", [("Twiml", document)], "update the call")
+        await redirect(logger, sid, document)
     return respond(connection, 200, "", "text/plain")
 
 
@@ -1650,9 +1652,11 @@ def check_settings() -> None:
         raise SystemExit("ASSEMBLYAI_API_KEY is not set: copy .env.example to .env and fill it in")
     if not PORT.isdigit() or not 0 < int(PORT) < 65536:
         raise SystemExit(f"PORT={PORT} is not a port number (1-65535)")
-    for name in ("MAX_CALL_SECONDS", "DRAIN_SECONDS", "SILENCE_SECONDS", "TRANSFER_RING_SECONDS"):
-        if not re.fullmatch(r"\d+(\.\d*)?", globals()[name]):
-            raise SystemExit(f"{name}={globals()[name]} is not a number of seconds")
+    for name, value in (("MAX_CALL_SECONDS", MAX_CALL_SECONDS), ("DRAIN_SECONDS", DRAIN_SECONDS),
+                        ("SILENCE_SECONDS", SILENCE_SECONDS),
+                        ("TRANSFER_RING_SECONDS", TRANSFER_RING_SECONDS)):
+        if not re.fullmatch(r"\d+(\.\d*)?", value):
+            raise SystemExit(f"{name}={value} is not a number of seconds")
     if PUBLIC_URL and not PUBLIC_URL.startswith(("https://", "http://")):
         raise SystemExit(f"PUBLIC_URL={PUBLIC_URL} must start with https://")
     if "default" not in AGENTS:
