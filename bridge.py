@@ -30,6 +30,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import partial
@@ -74,7 +76,9 @@ AGENT_OPEN_TIMEOUT = 5  # seconds to open the Voice Agent API WebSocket, each tr
 FIRST_TRIES = (0, 0.5)  # seconds to wait before each try to open a call's agent session
 RETRY_DELAYS = (0, 0.5, 1, 2, 4)  # seconds before each try to get a dropped session back
 RECONNECT_SECONDS = 10  # at most this long trying, before the caller hears an apology
+READY_TIMEOUT = 10  # seconds for session.ready on a new connection, before trying another
 REPLY_WAIT = 5  # seconds for the agent to start its last words after end_call or transfer_call
+LAST_WORDS_TIMEOUT = 30  # seconds for those last words to finish (reply.done), at most
 MARK_TIMEOUT = 10  # seconds for Twilio to say the last words have played before acting anyway
 TWILIO_API_TIMEOUT = 10  # seconds for one request to Twilio's REST API
 KEYPAD_PAUSE = 2  # seconds after the caller's last key that end a keypad entry (so does #)
@@ -82,8 +86,11 @@ MAX_PARAMETER = 499  # bytes of a <Parameter>'s name plus UTF-8 value: Twilio wa
 MAX_VARIABLES = 20  # call variables a call carries
 
 log = logging.getLogger("bridge")
+UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")  # escaped in logs
 live_calls: set[asyncio.Task] = set()  # the media_stream task of every call in progress
 draining = False  # set on SIGTERM or Ctrl-C: new calls are turned away, live ones finish
+unstarted: dict[str, float] = {}  # CallSid -> when we answered it, until its stream starts
+not_found: dict[str, float] = {}  # path -> when a request for it was last logged as a 404
 
 
 # --------------------------------------------------------------------------- the agent
@@ -109,6 +116,8 @@ to press keys (w waits half a second), for example 1, or an extension followed b
 TWILIO_FACTS = ("From", "To", "CallerName", "Direction", "CallSid", "AnsweredBy",
                 "DialCallStatus")
 VARIABLE = re.compile(r"[a-z][a-z0-9_]*")  # the name of a call variable
+CALL_SID = re.compile(r"CA[0-9a-fA-F]{32}")  # Twilio's ids: a call's...
+STREAM_SID = re.compile(r"MZ[0-9a-fA-F]{32}")  # ...and a Media Stream's
 E164 = re.compile(r"\+[1-9]\d{1,14}")  # a phone number: +15551234567
 DESTINATION = re.compile(E164.pattern + r"|sip:[^\s<>\"']+")  # what we can dial: E.164, SIP
 PLACEHOLDER = re.compile(r"\{(\w+)\}")  # {name} in a greeting
@@ -287,6 +296,20 @@ STREAMS = {
     "/outbound-stream": {"greeting": "outbound_greeting", "first": True},
     "/voicemail-stream": {"greeting": "voicemail", "then": "leave voicemail", "listen": False},
     "/return-stream": {"steer": TRANSFER_FAILED},  # a transfer nobody answered
+}
+
+# How a call can end: the outcome /metrics counts it under, and the words of its summary.
+ENDINGS = {
+    "caller_hung_up": "Twilio stopped the stream",
+    "agent_hung_up": "the agent hung up",
+    "silence": "the caller stayed silent: the agent hung up",
+    "voicemail": "the voicemail was left: the agent hung up",
+    "transferred": "transferred",
+    "agent_ended": "the agent ended the session",
+    "apology": "the agent failed: the caller heard an apology",
+    "agent_failed": "the agent failed",
+    "time_limit": "MAX_CALL_SECONDS",
+    "stream_closed": "the stream closed",
 }
 
 # A session.error code that usually means a setting is wrong, and what to check.
@@ -492,10 +515,20 @@ def twilio_api(path: str, form: list[tuple[str, str]]) -> dict:
         return json.load(response)
 
 
+# Requests to Twilio's REST API block a thread each. They get threads of their own, as many as
+# calls may need at once (an outage: every call apologizing), and never hold up the tools'.
+TWILIO_THREADS = ThreadPoolExecutor(max_workers=100, thread_name_prefix="twilio")
+
+
+async def in_twilio_thread(function, *args):
+    """Run function(*args), which talks to Twilio's REST API, without blocking the loop."""
+    return await asyncio.get_running_loop().run_in_executor(TWILIO_THREADS, function, *args)
+
+
 async def twilio_rest(logger, path: str, form: list[tuple[str, str]], doing: str) -> dict | None:
     """twilio_api without blocking the loop; None, and a log line saying why, if it fails."""
     try:
-        return await asyncio.to_thread(twilio_api, path, form)
+        return await in_twilio_thread(twilio_api, path, form)
     except urllib.error.HTTPError as exc:
         logger.error("Twilio refused to %s: %s", doing, twilio_error(exc))
     except (OSError, ValueError) as exc:
@@ -522,10 +555,26 @@ def twilio_error(error: urllib.error.HTTPError) -> str:
 
 
 class CallLog(logging.LoggerAdapter):
-    """Tag every line with the CallSid it belongs to."""
+    """Tag every line with the CallSid it belongs to: an argument, never part of the format."""
 
-    def process(self, msg, kwargs):
-        return f"[{self.extra['call_sid']}] {msg}", kwargs
+    def log(self, level, msg, *args, **kwargs):
+        super().log(level, "[%s] " + msg, self.extra["call_sid"], *args, **kwargs)
+
+
+class Escaped(logging.Filter):
+    """Escape control characters in every log line: a caller ID or a transcript with a line
+    break in it cannot forge a line, nor a terminal escape take over the screen."""
+
+    def filter(self, record):
+        record.msg, record.args = UNPRINTABLE.sub(escape_one, record.getMessage()), ()
+        return True
+
+
+def escape_one(match: re.Match) -> str:
+    return match[0].encode("unicode_escape").decode()  # "\r\n" for a CR LF
+
+
+log.addFilter(Escaped())
 
 
 @dataclass
@@ -566,23 +615,28 @@ class Call:
     frames_out: int = 0  # agent audio frames sent to the caller
     barge_ins: int = 0  # agent replies the caller interrupted
     tool_calls: int = 0
+    tool_failures: int = 0
     entries: int = 0  # keypad entries the caller made
     nudges: int = 0  # times the bridge asked a silent caller whether they were there
     malformed: int = 0  # messages from either side we could not use
     reconnects: int = 0  # times the agent session came back after its socket dropped
-    ending: str = ""  # how the call ended, for the summary
+    ending: str = ""  # how the call ended: a key of ENDINGS
+    stopped_talking: float = 0  # when the caller last stopped talking, until a reply starts
+    answering: float = 0  # the same, for the reply now starting, until its first audio
+    responses: list[float] = field(default_factory=list)  # seconds the caller waited, each turn
 
     def __post_init__(self):
         self.log = CallLog(log, {"call_sid": self.sid})
 
     def summary(self) -> str:
         seconds = time.monotonic() - self.started
-        return (f"call ended after {seconds:.1f} s ({self.ending or 'the stream closed'}), "
+        waits = sorted(round(wait * 1000) for wait in self.responses) or ["-"]
+        return (f"call ended after {seconds:.1f} s ({ENDINGS[self.ending or 'stream_closed']}), "
                 f"agent session {self.session_id or 'none'}: audio frames {self.frames_in} in, "
-                f"{self.frames_out} out; barge-ins {self.barge_ins}; tool calls "
-                f"{self.tool_calls}; keypad entries {self.entries}; silence nudges "
-                f"{self.nudges}; malformed messages {self.malformed}; agent reconnects "
-                f"{self.reconnects}")
+                f"{self.frames_out} out; response p50 {waits[len(waits) // 2]} ms, max "
+                f"{waits[-1]} ms; barge-ins {self.barge_ins}; tool calls {self.tool_calls}; "
+                f"keypad entries {self.entries}; silence nudges {self.nudges}; malformed "
+                f"messages {self.malformed}; agent reconnects {self.reconnects}")
 
 
 def start(call: Call, coroutine) -> None:
@@ -630,8 +684,10 @@ def note_turn(call: Call, turn: str) -> None:
 async def on_media(call: Call, event: dict) -> None:
     # Audio sent before session.ready is discarded by the agent, so it is not sent at all.
     if call.ready:
+        if not isinstance(payload := event["media"]["payload"], str):
+            raise TypeError("the payload is not a string")
         call.frames_in += 1
-        await call.agent.send(agent_audio(event["media"]["payload"]))
+        await call.agent.send(agent_audio(payload))
 
 
 async def on_dtmf(call: Call, event: dict) -> None:
@@ -659,18 +715,20 @@ async def on_mark(call: Call, event: dict) -> None:
 
 async def on_stop(call: Call, event: dict) -> bool:
     call.log.info("Twilio stopped the stream: the caller hung up, or the call moved on")
-    call.ending = call.ending or "Twilio stopped the stream"
+    call.ending = call.ending or "caller_hung_up"
     return True
 
 
 TWILIO_EVENTS = {"media": on_media, "dtmf": on_dtmf, "mark": on_mark, "stop": on_stop}
 KEYPAD_KEYS = set("0123456789*#ABCD")  # what Twilio's dtmf events can carry
+TWILIO_AUDIO = {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}  # in `start`
 
 
 # --- agent -> Twilio
 
 
 async def on_session_ready(call: Call, event: dict) -> None:
+    set_timer(call, "ready", 0, None)
     resumed = bool(call.session_id) and event.get("session_id") == call.session_id
     call.session_id = event.get("session_id") or ""
     if call.greeting and call.stream.get("then"):  # e.g. hang up once the voicemail is left
@@ -686,6 +744,7 @@ async def on_reply_started(call: Call, event: dict) -> None:
     call.replies += 1
     call.reply_id = event.get("reply_id") or f"reply-{call.replies}"
     call.replying, call.quiet_mark = True, ""
+    call.answering, call.stopped_talking = call.stopped_talking, 0  # timed to its first audio
     set_timer(call, "reply", 0, None)
     set_timer(call, "silence", 0, None)  # the agent is talking: that is no silence
     note_turn(call, "reply.started")
@@ -694,20 +753,26 @@ async def on_reply_started(call: Call, event: dict) -> None:
 async def on_reply_audio(call: Call, event: dict) -> None:
     if (event.get("reply_id") or call.reply_id) in call.interrupted:
         return  # the tail of a reply the caller talked over: never play it
+    if call.answering:  # the first audio of the answer to the caller: how long they waited
+        call.responses.append(time.monotonic() - call.answering)
+        call.answering = 0
+    if not isinstance(payload := event["data"], str):
+        raise TypeError("the audio is not a string")
     call.frames_out += 1
-    await call.twilio.send(twilio_media(call.stream_sid, event["data"]))
+    await call.twilio.send(twilio_media(call.stream_sid, payload))
 
 
 async def on_speech_started(call: Call, event: dict) -> None:
     # The caller started talking: stop the agent's voice at once rather than let Twilio play
     # out what it has buffered. If this was only an "uh-huh", the reply's next audio follows.
-    call.last_event = "input.speech.started"
+    call.last_event, call.stopped_talking = "input.speech.started", 0
     caller_active(call)
     if not any(not heard.done() for heard in call.marks.values()):  # never cut our key tones
         await clear(call)
 
 
 async def on_speech_stopped(call: Call, event: dict) -> None:
+    call.stopped_talking = time.monotonic()  # the wait for the agent's answer starts
     count_silence(call)  # if the agent does not answer, the silence counts from here
 
 
@@ -763,7 +828,7 @@ async def on_session_error(call: Call, event: dict) -> None:
 
 async def on_session_ended(call: Call, event: dict) -> bool:
     call.session_over = True
-    call.ending = call.ending or "the agent ended the session"
+    call.ending = call.ending or "agent_ended"
     call.log.info("agent session ended")
     return True
 
@@ -833,6 +898,7 @@ async def run_tool(call: Call, call_id: str, name: str, arguments: dict, reply_i
         call.log.info("tool %s(%s) -> %s", name, arguments, value)
     except Exception as exc:  # the tool's own bug or bad arguments: tell the agent, go on
         message = tool_result(call_id, {"error": f"{type(exc).__name__}: {exc}"}, is_error=True)
+        call.tool_failures += 1
         call.log.warning("tool %s(%s) failed: %s: %s", name, arguments, type(exc).__name__, exc)
     call.tools_running -= 1
     if reply_id in call.interrupted:
@@ -925,7 +991,7 @@ async def after_last_words(call: Call, action) -> None:
     try:
         with suppress(TimeoutError):  # no reply after all: what was already sent is the last
             await next_turn(call, "reply.started", REPLY_WAIT)
-            await next_turn(call, "reply.done", None)
+            await next_turn(call, "reply.done", LAST_WORDS_TIMEOUT)
         await call.twilio.send(twilio_mark(call.stream_sid, mark))
         await next_turn(call, "mark:" + mark, MARK_TIMEOUT)
     except CallGoesOn:
@@ -951,7 +1017,7 @@ async def next_turn(call: Call, wanted: str, timeout: float | None) -> None:
 
 async def hang_up(call: Call, arguments: dict, ending: str) -> None:
     """End the call: the agent session ends, the stream closes, and the TwiML hangs up."""
-    call.log.info("%s", ending)
+    call.log.info("%s", ENDINGS[ending])
     call.ending = ending
     call.over.set()
 
@@ -967,7 +1033,7 @@ async def transfer(call: Call, arguments: dict) -> None:
                                                            or f"A caller for {name}."})
     call.log.info("transferring the caller to %s (%s)", name, address)
     if await redirect(call.log, call.sid, dial_twiml(address, action, whisper)):
-        call.ending = f"transferred to {name}"
+        call.ending = "transferred"
         call.over.set()
     else:
         call.log.error("the transfer failed: the caller stays with the agent")
@@ -975,9 +1041,9 @@ async def transfer(call: Call, arguments: dict) -> None:
 
 # What a tool's or a stream's "then" names, run once the agent's last words have played.
 CALL_ACTIONS = {
-    "hang up": partial(hang_up, ending="the agent hung up"),
-    "say goodbye": partial(hang_up, ending="the caller stayed silent: the agent hung up"),
-    "leave voicemail": partial(hang_up, ending="the voicemail was left: the agent hung up"),
+    "hang up": partial(hang_up, ending="agent_hung_up"),
+    "say goodbye": partial(hang_up, ending="silence"),
+    "leave voicemail": partial(hang_up, ending="voicemail"),
     "transfer": transfer,
 }
 
@@ -1012,38 +1078,64 @@ async def record(call: Call) -> None:
 
 async def apologize(call: Call) -> None:
     """The Voice Agent API failed: have Twilio apologize in its own voice before hanging up."""
+    call.ending = "agent_failed"
     if not twilio_credentials():
         call.log.warning("hanging up without a spoken apology: set TWILIO_ACCOUNT_SID and "
                          "TWILIO_AUTH_TOKEN so that callers hear one")
     elif await redirect(call.log, call.sid, say_twiml(APOLOGY)):
         call.log.info("the caller hears an apology, then the call ends")
-        call.ending = "the caller heard an apology"
+        call.ending = "apology"
 
 
 # --- the call itself
 
 
-async def wait_for_start(twilio: ServerConnection) -> Call | None:
-    """Read Twilio's messages up to `start` and return the new call; None if none comes."""
+async def wait_for_start(twilio: ServerConnection) -> dict | None:
+    """Read Twilio's messages up to `start`, and return what it says; None if none comes."""
     early = 0  # messages before `start`, besides `connected`: only the first is logged
     try:
         async with asyncio.timeout(START_TIMEOUT):
             async for message in twilio:
-                with suppress(ValueError, KeyError, TypeError, AttributeError):
-                    event = json.loads(message)
-                    if event["event"] == "start":
-                        return new_call(twilio, event["start"])
-                    if event["event"] == "connected":
-                        continue
-                early += 1
-                if early == 1:
+                event = json_object(message)
+                if event.get("event") == "start" and isinstance(event.get("start"), dict):
+                    return event["start"]
+                if event.get("event") != "connected" and not early:
                     log.warning("ignoring a Media Stream message sent before a valid start: %r",
                                 message[:80])
+                early += event.get("event") != "connected"
     except TimeoutError:
         log.warning("a Media Stream sent no start message in %d s: closing it", START_TIMEOUT)
     except ConnectionClosed:
         pass
     return None
+
+
+def json_object(message: str | bytes) -> dict:
+    """A message's JSON object; {} if it is not one."""
+    with suppress(ValueError):
+        event = json.loads(message)
+        return event if isinstance(event, dict) else {}
+    return {}
+
+
+def start_problem(start: dict) -> str:
+    """Why a stream's `start` cannot begin a call; "" if it can."""
+    for key, pattern in (("callSid", CALL_SID), ("streamSid", STREAM_SID)):
+        if not isinstance(start.get(key), str) or not pattern.fullmatch(start[key]):
+            return f"its {key} {str(start.get(key))[:40]!r} is not {pattern.pattern[:2]} and " \
+                   "32 hex digits"
+    return ""
+
+
+def hears_mulaw(call: Call, start: dict) -> bool:
+    """Whether the stream's audio is what the agent is told it is, 8 kHz mono mu-law; if not,
+    say so: relayed as such, it would be noise."""
+    audio = start.get("mediaFormat")
+    if isinstance(audio, dict) and all(audio.get(k) == v for k, v in TWILIO_AUDIO.items()):
+        return True
+    call.log.error("the stream's audio is %.200s, not 8 kHz mono mu-law: no agent can hear it",
+                   audio)
+    return False
 
 
 def new_call(twilio: ServerConnection, start: dict) -> Call:
@@ -1092,6 +1184,7 @@ async def open_session(call: Call, delays: tuple) -> bool:
                 break
             continue
         call.agent, call.error = agent, ""
+        set_timer(call, "ready", READY_TIMEOUT, not_ready)
         if call.session_id:
             first = session_resume(call.session_id)
         else:
@@ -1104,17 +1197,25 @@ async def open_session(call: Call, delays: tuple) -> bool:
     return False
 
 
+def not_ready(call: Call) -> None:
+    """The agent connection sent no session.ready in time: close it, as a failed one."""
+    call.log.warning("the Voice Agent API sent no session.ready within %g s", READY_TIMEOUT)
+    call.error = "not ready"
+    start(call, call.agent.close())
+
+
 async def relay(call: Call, source, handlers: dict, key: str, sender: str) -> None:
     """Hand every event from one side to its handler, until that side ends the call."""
     with suppress(ConnectionClosed):  # the source's socket closing ends this relay
         async for message in source:
             event = parse_event(call, message, sender)
-            handler = handlers.get(event.get(key)) if event else None
+            kind = event.get(key) if event else None
+            handler = handlers.get(kind) if isinstance(kind, str) else None
             if handler is None:
                 # The agent's events grow in number over time and we use only some: skip the
                 # rest. Twilio's are few and fixed: any other one is a mistake worth a line.
-                if event and sender == "Twilio":
-                    note_malformed(call, sender, f"unknown event {event.get(key)!r}")
+                if event and (sender == "Twilio" or not isinstance(kind, str)):
+                    note_malformed(call, sender, f"unknown event {str(kind)[:80]!r}")
                 continue
             try:
                 if await handler(call, event):
@@ -1141,10 +1242,13 @@ async def agent_to_caller(call: Call) -> None:
             return  # the agent ended the session: the call hangs up
         tries = 0 if call.ready else tries + 1
         call.ready = False  # the caller's audio is dropped, not queued, until a session is back
-        call.replying = False  # a reply cut off with the socket will not finish
+        call.replying = False  # a reply cut off with the socket will not finish...
+        note_turn(call, "reply.done")  # ...so if those were the last words, they are over
         code, reason = call.agent.close_code, call.agent.close_reason
-        call.log.warning("the Voice Agent API closed the connection: %s %s", code, reason)
+        if call.error != "not ready":
+            call.log.warning("the Voice Agent API closed the connection: %s %s", code, reason)
         refused = code == 1008 and call.error not in RETRYABLE_ERRORS  # the key, the voice...
+        refused |= call.error == "not ready" and tries > 1  # it stalled twice: give up
         if refused or not await reopen_session(call, RETRY_DELAYS[tries:]):
             await apologize(call)
             return
@@ -1173,7 +1277,7 @@ async def converse(call: Call) -> None:
         if not done:  # so that a stuck call cannot run up the bill for hours
             call.log.warning("the call reached MAX_CALL_SECONDS (%s s): hanging up",
                              MAX_CALL_SECONDS)
-            call.ending = "MAX_CALL_SECONDS"
+            call.ending = "time_limit"
     finally:
         for task in tasks:
             task.cancel()
@@ -1194,26 +1298,87 @@ async def end_session(call: Call) -> None:
 
 async def media_stream(twilio: ServerConnection) -> None:
     """Carry one phone call, from Twilio's `start` to hang-up."""
-    call = await wait_for_start(twilio)
-    if call is None:
+    details = await wait_for_start(twilio)
+    if details is None:
         return
+    if problem := start_problem(details):
+        log.warning("refusing a Media Stream: %s", problem)
+        return
+    call = new_call(twilio, details)
     call.log.info("call connected on %s", twilio.request.path)
     live_calls.add(asyncio.current_task())
+    unstarted.pop(call.sid, None)
     if RECORD_CALLS and call.stream.get("first"):
         start(call, record(call))
     try:
-        if await open_session(call, FIRST_TRIES):
+        if hears_mulaw(call, details) and await open_session(call, FIRST_TRIES):
             await converse(call)
         else:
             await apologize(call)
     finally:  # returning closes the Twilio stream, and the TwiML hangs up (if nothing else)
-        for task in call.tasks:
-            task.cancel()
-        for timer in call.timers.values():
-            timer.cancel()
-        await end_session(call)
-        call.log.info(call.summary())
-        live_calls.discard(asyncio.current_task())
+        await finish(call)
+
+
+async def finish(call: Call) -> None:
+    """Leave nothing of the call running, and log its summary."""
+    for task in call.tasks:
+        task.cancel()
+    for timer in call.timers.values():
+        timer.cancel()
+    await end_session(call)
+    call.log.info("%s", call.summary())
+    live_calls.discard(asyncio.current_task())
+    count_ended(call)
+
+
+# --------------------------------------------------------------------------- metrics
+# GET /metrics, in Prometheus' text format. The counts are this process's since it started,
+# added as each call ends; no phone number or other secret is in them.
+
+METRICS = {  # family -> its type, and what it counts
+    "bridge_calls_active": ("gauge", "Calls in progress."),
+    "bridge_draining": ("gauge", "1 once the process is stopping: it takes no new calls."),
+    "bridge_calls_total": ("counter", "Calls ended, by how they ended."),
+    "bridge_agent_reconnects_total": ("counter", "Agent sessions back after their socket dropped."),
+    "bridge_malformed_messages_total": ("counter", "Messages from either side we could not use."),
+    "bridge_tool_calls_total": ("counter", "Tool calls the agent made."),
+    "bridge_tool_failures_total": ("counter", "Tool calls that raised an error."),
+    "bridge_response_seconds": ("histogram", "From the end of the caller's speech to the first "
+                                "audio of the agent's answer."),
+}
+RESPONSE_BUCKETS = (0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, "+Inf")  # seconds
+counts = Counter({  # sample -> value: every sample listed from the start, in order
+    **{f'bridge_calls_total{{outcome="{ending}"}}': 0 for ending in ENDINGS},
+    **{f"bridge_{name}_total": 0 for name in ("agent_reconnects", "malformed_messages",
+                                              "tool_calls", "tool_failures")},
+    **{f'bridge_response_seconds_bucket{{le="{le}"}}': 0 for le in RESPONSE_BUCKETS},
+    "bridge_response_seconds_sum": 0, "bridge_response_seconds_count": 0})
+
+
+def count_ended(call: Call) -> None:
+    """Add a call that has ended to the counts."""
+    counts[f'bridge_calls_total{{outcome="{call.ending or "stream_closed"}"}}'] += 1
+    for name, value in (("agent_reconnects", call.reconnects), ("malformed_messages",
+                        call.malformed), ("tool_calls", call.tool_calls),
+                        ("tool_failures", call.tool_failures)):
+        counts[f"bridge_{name}_total"] += value
+    for seconds in call.responses:
+        for le in RESPONSE_BUCKETS:
+            if le == "+Inf" or seconds <= le:
+                counts[f'bridge_response_seconds_bucket{{le="{le}"}}'] += 1
+        counts["bridge_response_seconds_sum"] += seconds
+        counts["bridge_response_seconds_count"] += 1
+
+
+def metrics_text() -> str:
+    """Every metric, each family under its HELP and TYPE lines."""
+    samples = {"bridge_calls_active": len(live_calls), "bridge_draining": int(draining), **counts}
+    lines = []
+    for family, (kind, words) in METRICS.items():
+        lines += [f"# HELP {family} {words}", f"# TYPE {family} {kind}"]
+        lines += [f"{name} {round(value, 3)}" for name, value in samples.items()
+                  if name.startswith(family)]
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- HTTP webhooks
@@ -1255,12 +1420,9 @@ class WebhookConnection(ServerConnection):
                 self.refuse("431 Request Header Fields Too Large")
             return
         head, rest = bytes(self.pending[:head_end + 4]), self.pending[head_end + 4:]
-        if re.search(rb"\r\ntransfer-encoding:", head, re.IGNORECASE):
-            return self.refuse("411 Length Required")
-        match = re.search(rb"\r\ncontent-length:[ \t]*(\d+)[ \t]*\r\n", head, re.IGNORECASE)
-        length = int(match[1]) if match else 0
-        if length > MAX_WEBHOOK_BODY:
-            return self.refuse("413 Content Too Large")
+        length = body_length(head)
+        if isinstance(length, str):
+            return self.refuse(length)
         if len(rest) < length:
             return  # wait for the rest of the body; HANDSHAKE_TIMEOUT bounds the wait
         self.body = bytes(rest[:length])
@@ -1276,6 +1438,24 @@ class WebhookConnection(ServerConnection):
         self.transport.write(f"HTTP/1.1 {status}\r\nContent-Length: 0\r\n"
                              "Connection: close\r\n\r\n".encode())
         self.transport.close()
+
+
+def body_length(head: bytes) -> int | str:
+    """The length of a request's body, from its head; or the status that refuses it."""
+    lines = head.split(b"\r\n")
+    fields: dict[bytes, list[bytes]] = {}
+    for name, _, value in (line.partition(b":") for line in lines[1:] if line):
+        fields.setdefault(name.strip().lower(), []).append(value.strip())
+    lengths = set(fields.get(b"content-length", []))  # the same length twice is still one
+    signed = TWILIO_AUTH_TOKEN and len(fields.get(b"x-twilio-signature", [])) > 1
+    if len(fields.get(b"host", [])) > 1 or signed or len(lengths) > 1:
+        return "400 Bad Request"  # which one is meant? Read wrongly, it could be abused
+    if b"transfer-encoding" in fields or (lines[0].startswith(b"POST ") and not lengths):
+        return "411 Length Required"
+    length = lengths.pop() if lengths else b"0"
+    if not length.isdigit():
+        return "400 Bad Request"
+    return int(length) if int(length) <= MAX_WEBHOOK_BODY else "413 Content Too Large"
 
 
 def respond(connection: ServerConnection, status: int, body: str, content_type: str) -> Response:
@@ -1308,8 +1488,10 @@ def stream_twiml(request: Request, form: dict, stream: str) -> str | None:
     if cut:
         log.warning("[%s] cut %s to fit Twilio's limit of 500 characters per <Parameter>",
                     sid, ", ".join(cut))
-    ws_base = "ws" + base.removeprefix("http")  # https://host -> wss://host
-    return connect_twiml(ws_base + stream, facts)
+    if CALL_SID.fullmatch(sid):
+        streams_due()  # forgets the overdue ones
+        unstarted[sid] = time.monotonic()  # a drain waits for its stream
+    return connect_twiml("wss" + base.removeprefix("https") + stream, facts)
 
 
 def answer_call(connection: ServerConnection, request: Request, form: dict, *, stream: str):
@@ -1373,7 +1555,7 @@ async def calls_api(connection: WebhookConnection, request: Request, form: dict)
     except ValueError as exc:
         return json_response(connection, 400, {"error": str(exc)})
     try:
-        sid = await asyncio.to_thread(place_call, public_base_url(request), to, variables)
+        sid = await in_twilio_thread(place_call, public_base_url(request), to, variables)
     except urllib.error.HTTPError as exc:
         return json_response(connection, 502, {"error": "Twilio refused the call",
                                                **twilio_refusal(exc)})
@@ -1412,6 +1594,11 @@ def health(connection: ServerConnection, request: Request, form: dict) -> Respon
     return connection.respond(200, "OK\n")
 
 
+def metrics(connection: ServerConnection, request: Request, form: dict) -> Response:
+    """Tell Prometheus how many calls are live, how they ended, how fast the agent answers."""
+    return respond(connection, 200, metrics_text(), "text/plain; version=0.0.4")
+
+
 WEBHOOKS = {
     "/twiml": partial(answer_call, stream="/stream"),
     "/outbound-twiml": partial(answer_call, stream="/outbound-stream"),
@@ -1422,8 +1609,10 @@ WEBHOOKS = {
     "/recording-status": recording_status,
     "/calls": calls_api,
     "/health": health,
+    "/metrics": metrics,
 }
-NOT_FROM_TWILIO = {"/health", "/calls"}  # so not signed by Twilio (the calls API has a token)
+NOT_FROM_TWILIO = {"/health", "/metrics", "/calls"}  # not signed by Twilio; /calls has a token
+NEW_CALLS = {"/twiml", "/outbound-twiml", "/calls", "/health"}  # 503 once the process drains
 
 
 def twilio_signature(url: str, form: list[tuple[str, str]]) -> str:
@@ -1472,22 +1661,42 @@ def signed_by_twilio(connection: WebhookConnection, request: Request, stream: bo
                for url in candidates)
 
 
+SIGNATURE_PROBLEMS = {  # why a request was refused: is it signed with a SharedKey (beta)?
+    False: "no valid X-Twilio-Signature (is TWILIO_AUTH_TOKEN your account's auth token, and "
+           "PUBLIC_URL the URL Twilio calls?)",
+    True: "it is signed with a Twilio SharedKey (X-Twilio-Webhooks-Signature-Settings), and "
+          "this bridge checks Auth Token signatures: sign this number's webhooks with the Auth "
+          "Token",
+}
+
+
+def log_not_found(request: Request) -> None:
+    """Log a request for a path we do not serve: once a minute per path, at most."""
+    path, now = urllib.parse.urlsplit(request.path).path[:100], time.monotonic()
+    if now - not_found.get(path, -60.0) >= 60:
+        if len(not_found) >= 1000:  # a scan of many paths: start over, not run out of memory
+            not_found.clear()
+        not_found[path] = now
+        log.warning("404 for %s %s: this server answers %s, and the streams %s", request.method,
+                    path, ", ".join(WEBHOOKS), ", ".join(STREAMS))
+
+
 async def process_request(connection: WebhookConnection, request: Request) -> Response | None:
     """Answer the plain HTTP webhooks; let Media Stream upgrades through to media_stream()."""
     url = urllib.parse.urlsplit(request.path)
     stream = url.path in STREAMS
     webhook = WEBHOOKS.get(url.path)
     if not stream and webhook is None:
+        log_not_found(request)
         return connection.respond(404, "Not Found\n")
     if request.method not in ("GET", "POST"):
         return connection.respond(405, "Method Not Allowed\n")
-    if draining and not stream:  # a stream belongs to a call already answered: it is let in
+    if draining and url.path in NEW_CALLS:  # the calls in progress still get their answers
         return connection.respond(503, "Shutting down: try another server\n")
     if TWILIO_AUTH_TOKEN and url.path not in NOT_FROM_TWILIO and not signed_by_twilio(
             connection, request, stream):
-        log.warning("refusing %s %s: no valid X-Twilio-Signature (is TWILIO_AUTH_TOKEN your "
-                    "account's auth token, and PUBLIC_URL the URL Twilio calls?)",
-                    request.method, url.path)
+        why = SIGNATURE_PROBLEMS["X-Twilio-Webhooks-Signature-Settings" in request.headers]
+        log.warning("refusing %s %s: %s", request.method, url.path, why)
         return connection.respond(403, "Forbidden: not signed by Twilio\n")
     if stream:
         return None  # a Media Stream: go on with the WebSocket handshake
@@ -1621,6 +1830,16 @@ async def serve_calls(port: int) -> None:
     await drain(server)
 
 
+def streams_due() -> float:
+    """Seconds until every call this process answered has started its stream, or is overdue
+    (START_TIMEOUT after its answer: then it is forgotten)."""
+    now = time.monotonic()
+    for sid, answered in list(unstarted.items()):
+        if now - answered >= START_TIMEOUT:
+            del unstarted[sid]
+    return max((answered + START_TIMEOUT - now for answered in unstarted.values()), default=0)
+
+
 def on_signal(stop: asyncio.Event) -> None:
     """The first SIGTERM or Ctrl-C starts a graceful stop; a second one exits at once."""
     if stop.is_set():
@@ -1637,8 +1856,11 @@ async def drain(server) -> None:
              "end (a second signal stops at once)", DRAIN_SECONDS, len(live_calls))
     clock = asyncio.get_running_loop().time
     deadline = clock() + float(DRAIN_SECONDS)
-    while live_calls and clock() < deadline:  # calls that start meanwhile are waited for too
-        await asyncio.wait(set(live_calls), timeout=deadline - clock())
+    while clock() < deadline and (live_calls or streams_due()):  # and calls that start meanwhile
+        if live_calls:
+            await asyncio.wait(set(live_calls), timeout=deadline - clock())
+        else:
+            await asyncio.sleep(0.05)  # for the stream of a call answered just before the signal
     if live_calls:
         log.warning("ending %d calls still live after DRAIN_SECONDS", len(live_calls))
     server.close()  # closes their streams: each call ends its agent session and hangs up
