@@ -43,7 +43,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.http11 import Request, Response
 
-load_dotenv()
+load_dotenv(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env"))  # ours alone
 
 
 # --------------------------------------------------------------------------- settings
@@ -84,6 +84,7 @@ TWILIO_API_TIMEOUT = 10  # seconds for one request to Twilio's REST API
 KEYPAD_PAUSE = 2  # seconds after the caller's last key that end a keypad entry (so does #)
 MAX_PARAMETER = 499  # bytes of a <Parameter>'s name plus UTF-8 value: Twilio wants under 500
 MAX_VARIABLES = 20  # call variables a call carries
+PLACEHOLDER_KEYS = {"your-key", "your_api_key", "<your-key>"}  # from README.md: not real keys
 
 log = logging.getLogger("bridge")
 UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")  # escaped in logs
@@ -91,6 +92,7 @@ live_calls: set[asyncio.Task] = set()  # the media_stream task of every call in 
 draining = False  # set on SIGTERM or Ctrl-C: new calls are turned away, live ones finish
 unstarted: dict[str, float] = {}  # CallSid -> when we answered it, until its stream starts
 not_found: dict[str, float] = {}  # path -> when a request for it was last logged as a 404
+files_logged = 0.0  # when "too many open files" was last logged
 
 
 # --------------------------------------------------------------------------- the agent
@@ -313,10 +315,10 @@ ENDINGS = {
 }
 
 # A session.error code that usually means a setting is wrong, and what to check.
-ERROR_HINTS = {
-    "unauthorized": "check ASSEMBLYAI_API_KEY",
-    "forbidden": "check ASSEMBLYAI_API_KEY",
-    "invalid_value": "check AGENT_VOICE: voice names are lowercase",
+ERROR_HINTS = {  # code -> (a word its message must hold, or "", and what to check)
+    "unauthorized": ("", "check ASSEMBLYAI_API_KEY"),
+    "forbidden": ("", "check ASSEMBLYAI_API_KEY"),
+    "invalid_value": ("voice", "check AGENT_VOICE, or the voice in AGENTS: names are lowercase"),
 }
 
 # session.error codes after which a closed session is worth opening again: a passing
@@ -497,7 +499,14 @@ DTMF_PAUSE = base64.b64encode(b"\xff" * 4000).decode()  # "w": half a second of 
 
 def twilio_credentials() -> bool:
     """Whether the bridge may use Twilio's REST API: to transfer, apologize, place calls."""
-    return bool(TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN)
+    return not missing_credentials()
+
+
+def missing_credentials() -> str:
+    """The Twilio credentials that are not set, by name: "" if both are."""
+    return " and ".join(name for name, value in (("TWILIO_ACCOUNT_SID", TWILIO_ACCOUNT_SID),
+                                                 ("TWILIO_AUTH_TOKEN", TWILIO_AUTH_TOKEN))
+                        if not value)
 
 
 def twilio_api(path: str, form: list[tuple[str, str]]) -> dict:
@@ -639,6 +648,11 @@ class Call:
                 f"messages {self.malformed}; agent reconnects {self.reconnects}")
 
 
+def plural(count: int, noun: str) -> str:
+    """ "1 call", "2 calls". """
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
 def start(call: Call, coroutine) -> None:
     """Run coroutine alongside the relay, in its own task; it is cancelled if the call ends."""
     task = asyncio.create_task(coroutine)
@@ -719,7 +733,18 @@ async def on_stop(call: Call, event: dict) -> bool:
     return True
 
 
-TWILIO_EVENTS = {"media": on_media, "dtmf": on_dtmf, "mark": on_mark, "stop": on_stop}
+def traced(handlers: dict) -> dict:
+    """The handlers, each of which logs its event at DEBUG first; but not audio, 50 a second."""
+    return {kind: handler if kind in ("media", "reply.audio") else partial(trace, handler)
+            for kind, handler in handlers.items()}
+
+
+async def trace(handler, call: Call, event: dict) -> bool | None:
+    call.log.debug("got %.300r", event)
+    return await handler(call, event)
+
+
+TWILIO_EVENTS = traced({"media": on_media, "dtmf": on_dtmf, "mark": on_mark, "stop": on_stop})
 KEYPAD_KEYS = set("0123456789*#ABCD")  # what Twilio's dtmf events can carry
 TWILIO_AUDIO = {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}  # in `start`
 
@@ -820,8 +845,10 @@ async def on_session_error(call: Call, event: dict) -> None:
     # Whether the session goes on is the server's call: a fatal error closes the socket, and
     # agent_to_caller decides what to do then.
     call.error = str(event.get("code") or "unknown").lower()
-    hint = f" ({ERROR_HINTS[call.error]})" if call.error in ERROR_HINTS else ""
-    call.log.warning("agent error %s: %s%s", call.error, event.get("message", ""), hint)
+    message = str(event.get("message", ""))
+    word, hint = ERROR_HINTS.get(call.error, ("", ""))
+    hint = f" ({hint})" if hint and word in message.lower() else ""
+    call.log.warning("agent error %s: %s%s", call.error, message, hint)
     if call.error in ("session_not_found", "session_forbidden"):
         call.session_id = ""  # it cannot be resumed: the next connection starts a new one
 
@@ -846,7 +873,7 @@ def end_entry(call: Call) -> None:
     """The caller finished a keypad entry: tell the agent which keys they pressed."""
     keys, call.keys = call.keys, ""
     call.entries += 1
-    call.log.info("the caller pressed %d %s", len(keys), "key" if len(keys) == 1 else "keys")
+    call.log.info("the caller pressed %s", plural(len(keys), "key"))
     call.log.debug("the keys: %s", keys)  # card numbers and PINs stay out of INFO logs
     steer(call, KEYPAD_NOTE.format(keys=keys))
 
@@ -956,7 +983,7 @@ def after_sending(call: Call, then: str | None, arguments: dict | None = None) -
         start(call, after_last_words(call, partial(CALL_ACTIONS[then], call, arguments or {})))
 
 
-AGENT_EVENTS = {
+AGENT_EVENTS = traced({
     "session.ready": on_session_ready,
     "reply.started": on_reply_started,
     "reply.audio": on_reply_audio,
@@ -970,7 +997,7 @@ AGENT_EVENTS = {
     "session.error": on_session_error,
     "error": on_session_error,  # older servers named it so
     "session.ended": on_session_ended,
-}
+})
 
 
 # --- hanging up and transferring, once the agent's last words have been heard
@@ -1080,8 +1107,8 @@ async def apologize(call: Call) -> None:
     """The Voice Agent API failed: have Twilio apologize in its own voice before hanging up."""
     call.ending = "agent_failed"
     if not twilio_credentials():
-        call.log.warning("hanging up without a spoken apology: set TWILIO_ACCOUNT_SID and "
-                         "TWILIO_AUTH_TOKEN so that callers hear one")
+        call.log.warning("hanging up without a spoken apology: set %s so that callers hear one",
+                         missing_credentials())
     elif await redirect(call.log, call.sid, say_twiml(APOLOGY)):
         call.log.info("the caller hears an apology, then the call ends")
         call.ending = "apology"
@@ -1160,7 +1187,7 @@ def connect_error(exc: Exception) -> str:
     """Say plainly why the Voice Agent API could not be reached, and what to check."""
     if isinstance(exc, InvalidStatus):
         status = exc.response.status_code
-        hint = f" ({ERROR_HINTS['unauthorized']})" if status in (401, 403) else ""
+        hint = f" ({ERROR_HINTS['unauthorized'][1]})" if status in (401, 403) else ""
         return f"the Voice Agent API refused the connection: HTTP {status}{hint}"
     return (f"cannot reach the Voice Agent API at {VOICE_AGENT_URL}: "
             f"{exc or type(exc).__name__} (check VOICE_AGENT_URL and your network)")
@@ -1777,6 +1804,8 @@ def call_from_command_line(to: str, arguments: list[str]) -> str:
               "TWILIO_PHONE_NUMBER": TWILIO_PHONE_NUMBER}
     if missing := [name for name, value in needed.items() if not value]:
         raise SystemExit(f"cannot place a call: set {', '.join(missing)} (see .env.example)")
+    if problem := public_url_problem():
+        raise SystemExit(f"cannot place a call: {problem}")
     base = PUBLIC_URL or ngrok_url()
     if not base:
         raise SystemExit("cannot place a call: set PUBLIC_URL, or start ngrok "
@@ -1798,19 +1827,20 @@ def log_what_is_off() -> None:
         log.warning("TWILIO_AUTH_TOKEN is not set: requests are not checked for Twilio's "
                     "signature, so anyone who finds this server's URL can start calls on your "
                     "AssemblyAI account; set TWILIO_AUTH_TOKEN to turn the check on")
-    if not twilio_credentials():
-        log.warning("TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN are not set: if the Voice Agent "
-                    "API fails, callers are hung up without a spoken apology, and the agent "
-                    "cannot transfer calls")
+    if missing := missing_credentials():
+        log.warning("%s %s not set: if the Voice Agent API fails, callers are hung up without "
+                    "a spoken apology, and the agent cannot transfer calls", missing,
+                    "are" if " and " in missing else "is")
         if RECORD_CALLS:
-            log.warning("RECORD_CALLS is on, but recording needs TWILIO_ACCOUNT_SID and "
-                        "TWILIO_AUTH_TOKEN: calls are not recorded")
+            log.warning("RECORD_CALLS is on, but recording needs %s: calls are not recorded",
+                        missing)
     elif not TRANSFER_NUMBER and not any(agent.get("transfers") for agent in AGENTS.values()):
         log.info("TRANSFER_NUMBER is not set: the agent cannot transfer calls to a person")
 
 
 async def serve_calls(port: int) -> None:
     """Serve until SIGTERM or Ctrl-C, then drain: let live calls finish before exiting."""
+    raise_file_limit()
     try:
         server = await serve_bridge(None, port)
     except OSError as exc:
@@ -1823,8 +1853,10 @@ async def serve_calls(port: int) -> None:
         with suppress(NotImplementedError):  # Windows has no such handlers: Ctrl-C stops at once
             loop.add_signal_handler(signum, on_signal, stop)
     where = PUBLIC_URL or "https://<your ngrok host>"
-    log.info("listening on port %d; set your Twilio number's voice webhook to %s/twiml",
-             port, where)
+    loop.set_exception_handler(on_loop_error)
+    level = max(logging.INFO, log.getEffectiveLevel())  # shown at any LOG_LEVEL
+    log.log(level, "listening on port %d; set your Twilio number's voice webhook to %s/twiml",
+            port, where)
     log_what_is_off()
     await stop.wait()
     await drain(server)
@@ -1840,10 +1872,33 @@ def streams_due() -> float:
     return max((answered + START_TIMEOUT - now for answered in unstarted.values()), default=0)
 
 
+def raise_file_limit() -> None:
+    """Let the process have as many sockets open as the system allows: each call needs two."""
+    with suppress(ImportError, ValueError, OSError):
+        import resource  # Unix only
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def on_loop_error(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """asyncio's own error reports; out of file descriptors, it would report thousands."""
+    error = context.get("exception")
+    if isinstance(error, ValueError) and "_start_serving" in repr(context.get("handle")):
+        return  # asyncio re-arming, after the fact, a listener that ran out and has closed
+    if not (isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE)):
+        return loop.default_exception_handler(context)
+    global files_logged
+    if time.monotonic() - files_logged >= 1:  # a line a second is enough
+        files_logged = time.monotonic()
+        log.error("out of file descriptors (%s): new connections wait; raise the limit "
+                  "(ulimit -n), or add servers", error.strerror)
+
+
 def on_signal(stop: asyncio.Event) -> None:
     """The first SIGTERM or Ctrl-C starts a graceful stop; a second one exits at once."""
     if stop.is_set():
-        log.warning("second signal: exiting now, cutting off %d live calls", len(live_calls))
+        log.warning("second signal: exiting now, cutting off %s", plural(len(live_calls),
+                                                                         "live call"))
         os._exit(1)
     stop.set()
 
@@ -1852,8 +1907,8 @@ async def drain(server) -> None:
     """Turn new calls away, let live calls finish for up to DRAIN_SECONDS, then end the rest."""
     global draining
     draining = True  # webhooks answer 503 from now on, so Twilio tries its fallback URL
-    log.info("stopping: new calls are turned away; waiting up to %s s for %d live calls to "
-             "end (a second signal stops at once)", DRAIN_SECONDS, len(live_calls))
+    log.info("stopping: new calls are turned away; waiting up to %s s for %s to end (a second "
+             "signal stops at once)", DRAIN_SECONDS, plural(len(live_calls), "live call"))
     clock = asyncio.get_running_loop().time
     deadline = clock() + float(DRAIN_SECONDS)
     while clock() < deadline and (live_calls or streams_due()):  # and calls that start meanwhile
@@ -1862,7 +1917,7 @@ async def drain(server) -> None:
         else:
             await asyncio.sleep(0.05)  # for the stream of a call answered just before the signal
     if live_calls:
-        log.warning("ending %d calls still live after DRAIN_SECONDS", len(live_calls))
+        log.warning("ending %s still live after DRAIN_SECONDS", plural(len(live_calls), "call"))
     server.close()  # closes their streams: each call ends its agent session and hangs up
     await server.wait_closed()
     log.info("stopped")
@@ -1872,6 +1927,11 @@ def check_settings() -> None:
     """Refuse to serve, in one line, with a setting or an AGENTS entry that cannot work."""
     if not ASSEMBLYAI_API_KEY:
         raise SystemExit("ASSEMBLYAI_API_KEY is not set: copy .env.example to .env and fill it in")
+    if ASSEMBLYAI_API_KEY in PLACEHOLDER_KEYS:
+        raise SystemExit("ASSEMBLYAI_API_KEY is a placeholder: put your key from AssemblyAI's "
+                         "dashboard in its place")
+    if re.search(r"[\s\"'`]", ASSEMBLYAI_API_KEY):
+        raise SystemExit("ASSEMBLYAI_API_KEY has a space or a quote in it: set the key alone")
     if not PORT.isdigit() or not 0 < int(PORT) < 65536:
         raise SystemExit(f"PORT={PORT} is not a port number (1-65535)")
     for name, value in (("MAX_CALL_SECONDS", MAX_CALL_SECONDS), ("DRAIN_SECONDS", DRAIN_SECONDS),
@@ -1879,13 +1939,21 @@ def check_settings() -> None:
                         ("TRANSFER_RING_SECONDS", TRANSFER_RING_SECONDS)):
         if not re.fullmatch(r"\d+(\.\d*)?", value):
             raise SystemExit(f"{name}={value} is not a number of seconds")
-    if PUBLIC_URL and not PUBLIC_URL.startswith(("https://", "http://")):
-        raise SystemExit(f"PUBLIC_URL={PUBLIC_URL} must start with https://")
+    if problem := public_url_problem():
+        raise SystemExit(problem)
     if "default" not in AGENTS:
         raise SystemExit('AGENTS has no "default" entry')
     for number, agent in AGENTS.items():
         if problem := agent_problem(number, agent):
             raise SystemExit(f"AGENTS[{number!r}]: {problem}")
+
+
+def public_url_problem() -> str:
+    """What is wrong with PUBLIC_URL, or "" if nothing is (nor if it is unset)."""
+    if PUBLIC_URL and not re.fullmatch(r"https://[^/?#@\s]+", PUBLIC_URL):
+        return (f"PUBLIC_URL={PUBLIC_URL} must be https://host or https://host:port, with no "
+                "path: Twilio opens Media Streams at wss:// on that host, never at ws://")
+    return ""
 
 
 def agent_problem(number: str, agent) -> str:
@@ -1920,6 +1988,9 @@ KIND_WORDS = {str: "a string", tuple: "a tuple of strings", list: "a list of str
 
 def main(argv: list[str]) -> None:
     """Check the settings, then serve calls, or place one."""
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        return
     level = logging.getLevelName(LOG_LEVEL.upper())
     if not isinstance(level, int):
         raise SystemExit(f"LOG_LEVEL={LOG_LEVEL} is not a level: use DEBUG, INFO or WARNING")
@@ -1929,7 +2000,8 @@ def main(argv: list[str]) -> None:
         print(call_from_command_line(argv[1], argv[2:]))
         return
     if argv:
-        raise SystemExit("usage: python bridge.py [call +15551234567 [name=value ...]]")
+        raise SystemExit("usage: python bridge.py [call +15551234567 [name=value ...]] (or "
+                         "--help)")
     check_settings()
     try:
         asyncio.run(serve_calls(int(PORT)))

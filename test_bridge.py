@@ -1789,7 +1789,7 @@ class AgentFailures(BridgeTest):
         await agent.ws.close(1008, "invalid_value")
         await self.assert_apology(rest, twilio)
         await self.log.wait_for(r"agent error invalid_value: Unknown voice 'Ivy' \(check "
-                                r"AGENT_VOICE: voice names are lowercase\)")
+                                r"AGENT_VOICE, or the voice in AGENTS: names are lowercase\)")
 
     async def test_agent_lost_for_good_gets_an_apology(self):
         """The agent socket drops mid-call and every try to get it back fails: apology."""
@@ -2047,7 +2047,7 @@ class Redeploys(BridgeTest):
         await agent.wait_for(lambda a: a.of("type", "session.end"))
         self.assertEqual(await twilio.closed(), 1001)
         self.assertEqual(await process.exit_code(), 0)
-        await process.wait_for("ending 1 calls still live after DRAIN_SECONDS")
+        await process.wait_for("ending 1 call still live after DRAIN_SECONDS")
 
     async def test_second_signal_exits_at_once(self):
         """Ctrl-C starts the drain; a second signal exits at once, with a non-zero code."""
@@ -2057,7 +2057,7 @@ class Redeploys(BridgeTest):
         await process.wait_for("stopping: new calls are turned away")
         process.process.send_signal(signal.SIGTERM)
         self.assertEqual(await process.exit_code(), 1)
-        await process.wait_for("second signal: exiting now, cutting off 1 live calls")
+        await process.wait_for("second signal: exiting now, cutting off 1 live call$")
 
 
 class OutboundCommand(unittest.IsolatedAsyncioTestCase):
