@@ -1552,6 +1552,8 @@ async def machine_detected(connection: ServerConnection, request: Request, form:
     logger = CallLog(log, {"call_sid": sid})
     logger.info("answered by %s (detected in %s ms)", verdict,
                 form.get("MachineDetectionDuration", "?"))
+    if not CALL_SID.fullmatch(sid):  # it becomes part of a REST API URL
+        return connection.respond(400, "CallSid is not a Twilio Call SID\n")
     document = twiml("<Hangup/>") if verdict == "fax" else None
     if verdict.startswith("machine_end"):
         document = stream_twiml(request, form, "/voicemail-stream")

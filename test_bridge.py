@@ -16,10 +16,13 @@ import logging
 import math
 import os
 import re
+import resource
 import signal
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import unittest
 import urllib.parse
@@ -225,8 +228,9 @@ class TwilioStream(Peer):
 class FakeHTTP:
     """A local HTTP server with canned JSON answers, standing in for Twilio's REST API and ngrok."""
 
-    def __init__(self, answers: dict[str, tuple[int, dict]]):
+    def __init__(self, answers: dict[str, tuple[int, dict]], delay: float = 0):
         self.answers = answers  # path -> (status, JSON body)
+        self.delay = delay  # seconds each answer takes, as a slow API's would
         self.requests: list[dict] = []
         self.arrivals: asyncio.Queue[dict] = asyncio.Queue()
 
@@ -241,9 +245,11 @@ class FakeHTTP:
         headers = dict(line.split(": ", 1) for line in head.split("\r\n")[1:] if ": " in line)
         body = await reader.readexactly(int(headers.get("Content-Length", 0)))
         request = {"method": method, "path": path, "headers": headers,
-                   "form": urllib.parse.parse_qs(body.decode())}
+                   "form": urllib.parse.parse_qs(body.decode()),
+                   "time": asyncio.get_running_loop().time()}
         self.requests.append(request)
         self.arrivals.put_nowait(request)
+        await asyncio.sleep(self.delay)
         status, answer = self.answers.get(path, (404, {"status": 404, "message": "not found"}))
         data = json.dumps(answer).encode()
         writer.write(f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
@@ -263,7 +269,8 @@ class BridgeProcess:
     """bridge.py run as a real process on a free port; its log lines are read as they come."""
 
     @classmethod
-    async def start(cls, **env):
+    async def start(cls, files: tuple[int, int] | None = None, **env):
+        """Start bridge.py; with `files`, under that soft and hard limit of open files."""
         self = cls()
         with socket.socket() as probe:  # a port that is free now, for the bridge to take
             probe.bind(("127.0.0.1", 0))
@@ -276,7 +283,8 @@ class BridgeProcess:
                  "AGENT_VOICE": "", "ASSEMBLYAI_API_KEY": "test-key", "MAX_CALL_SECONDS": "3600",
                  "SILENCE_SECONDS": "0",
                  **env},
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            preexec_fn=files and (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, files)))
         self.lines: list[str] = []
         self.changed = asyncio.Condition()
         self.reader = asyncio.create_task(self.read())
@@ -421,13 +429,13 @@ class BridgeTest(unittest.IsolatedAsyncioTestCase):
         await twilio.wait_for(lambda t: greeting in t.played())
         return twilio, agent
 
-    async def twilio_api(self, **answers) -> FakeHTTP:
+    async def twilio_api(self, delay: float = 0, **answers) -> FakeHTTP:
         """Give the bridge Twilio credentials and a fake REST API; answers: CallSid -> status."""
         account = "AC" + "0" * 32
         rest = await FakeHTTP({f"/2010-04-01/Accounts/{account}/Calls/{sid}.json":
                                (status, {"sid": sid} if status == 200 else
                                 {"code": 21220, "message": "Call is not in-progress"})
-                               for sid, status in answers.items()}).start()
+                               for sid, status in answers.items()}, delay).start()
         self.addAsyncCleanup(rest.stop)
         self.settings(TWILIO_API_URL=rest.url, TWILIO_ACCOUNT_SID=account,
                       TWILIO_AUTH_TOKEN="secret")
@@ -771,6 +779,19 @@ class Calls(BridgeTest):
         await self.log.wait_for(r"call ended .* audio frames 0 in, 3 out; response p50 - ms, max - ms; "
                                 r"barge-ins 1;")
 
+    async def test_debug_logs_protocol_events_but_not_audio(self):
+        """LOG_LEVEL=DEBUG shows each call's protocol events, never a line per audio frame."""
+        bridge.log.setLevel(logging.DEBUG)
+        twilio, agent = await self.start_call(call_sid="CA" + "4" * 32)
+        await self.round_trip(twilio, agent)
+        await twilio.stop()
+        await self.log.wait_for("call ended")
+        await self.log.wait_for(r"^\[CA4{32}\] got \{'type': 'session.ready', 'session_id'")
+        await self.log.wait_for(r"^\[CA4{32}\] got \{'type': 'reply.done', ")
+        await self.log.wait_for(r"^\[CA4{32}\] got \{'event': 'stop', ")
+        self.assertFalse([line for line in self.log.lines if "'media'" in line
+                          or "reply.audio" in line or "input.audio" in line])
+
     async def test_either_transcript_is_logged_with_the_call_sid(self):
         """Caller and agent transcripts and session errors are logged, tagged with the CallSid."""
         twilio, agent = await self.start_call(call_sid="CA" + "5" * 32)
@@ -781,6 +802,8 @@ class Calls(BridgeTest):
         await self.log.wait_for(r"^\[CA5{32}\] agent: Noon\.$")
         await self.log.wait_for(r"^\[CA5{32}\] agent error invalid_value: voice "
                                 r"\(check AGENT_VOICE")
+        await agent.send({"type": "session.error", "code": "invalid_value", "message": "min"})
+        await self.log.wait_for(r"^\[CA5{32}\] agent error invalid_value: min$")
 
 
 class CallFacts(BridgeTest):
@@ -1292,7 +1315,10 @@ class EndingCalls(BridgeTest):
         await self.log.wait_for("TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN are not set: if the "
                                 "Voice Agent API fails, callers are hung up without a spoken "
                                 "apology, and the agent cannot transfer calls")
-        self.settings(TWILIO_ACCOUNT_SID="AC1", TWILIO_AUTH_TOKEN="secret")
+        self.settings(TWILIO_AUTH_TOKEN="secret")  # the README's first step sets only this
+        bridge.log_what_is_off()
+        await self.log.wait_for("^TWILIO_ACCOUNT_SID is not set: if the Voice Agent API fails")
+        self.settings(TWILIO_ACCOUNT_SID="AC1")
         bridge.log_what_is_off()
         await self.log.wait_for("TRANSFER_NUMBER is not set: the agent cannot transfer calls")
 
@@ -1819,8 +1845,11 @@ class AgentFailures(BridgeTest):
     async def test_agent_that_stops_answering_gets_an_apology_within_reconnect_seconds(self):
         """If reconnecting hangs (a network black hole), the apology comes in bounded time."""
         rest = await self.twilio_api(**{"CA" + "1" * 32: 200})
-        black_hole = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
+        swallowed = []  # connections the black hole takes and never answers
+        black_hole = await asyncio.start_server(lambda reader, writer: swallowed.append(writer),
+                                                "127.0.0.1", 0)
         self.addAsyncCleanup(black_hole.wait_closed)
+        self.addCleanup(lambda: [writer.close() for writer in swallowed])
         self.addCleanup(black_hole.close)
         self.settings(RECONNECT_SECONDS=0.3)
         twilio, agent = await self.start_call()
@@ -2011,6 +2040,295 @@ class Robustness(BridgeTest):
         self.assertEqual(status, 431)
 
 
+class HostileInput(BridgeTest):
+    """What an adversarial run found: each input gets one clear answer and harms nothing."""
+
+    async def open_raw(self, start: dict) -> TwilioStream:
+        """A Media Stream whose `start` says whatever the test wants."""
+        headers = {"X-Twilio-Signature": signature(bridge.TWILIO_AUTH_TOKEN,
+                                                   f"wss://127.0.0.1:{self.port}/stream")}
+        twilio = TwilioStream(await connect(f"ws://127.0.0.1:{self.port}/stream",
+                                            additional_headers=headers))
+        await twilio.send({"event": "start", "start": start})
+        return twilio
+
+    async def test_malformed_ids_are_refused_before_any_agent_session(self):
+        """A callSid or streamSid that is not CA/MZ and 32 hex digits closes the stream."""
+        good = {"callSid": "CA" + "aB" * 16, "streamSid": "MZ" + "1" * 32,
+                "mediaFormat": bridge.TWILIO_AUDIO}
+        for field, value in (("callSid", "CA%999999999s" + "0" * 19), ("callSid", "CA1 2"),
+                             ("callSid", ["CA" + "1" * 32]), ("streamSid", "MZ" + "g" * 32)):
+            with self.subTest(field=field, value=value):
+                twilio = await self.open_raw({**good, field: value})
+                self.assertEqual(await twilio.closed(), 1000)
+                await self.log.wait_for(f"refusing a Media Stream: its {field} .* is not "
+                                        f"{value[:2] if field == 'streamSid' else 'CA'} and 32 "
+                                        "hex digits")
+        self.assertTrue(self.agent.sessions.empty())
+        self.assertEqual(len(self.agent.headers), 0)
+
+    async def test_no_value_from_the_wire_becomes_a_log_format(self):
+        """A CallSid full of % is logged as it is; a refused AMD callback calls no REST API."""
+        rest = await self.twilio_api()
+        self.settings(TWILIO_AUTH_TOKEN="")
+        status, _ = await self.callback("/amd", {"CallSid": "CA%999999999s%(x)s",
+                                                 "AnsweredBy": "machine_end_beep"})
+        self.assertEqual(status, 400)
+        await self.log.wait_for(r"^\[CA%999999999s%\(x\)s\] answered by machine_end_beep")
+        self.assertEqual(rest.requests, [])
+
+    async def test_control_characters_are_escaped_in_the_log(self):
+        """A webhook field or a transcript with CR LF or an escape cannot forge a log line."""
+        await self.callback("/call-status", {"CallSid": "CA" + "3" * 32,
+                                             "CallStatus": "ringing\r\n2026-12-02 INFO forged"})
+        line = await self.log.wait_for(r"call ringing")
+        self.assertIn("ringing\\r\\n2026-12-02 INFO forged", line)
+        twilio, agent = await self.start_call()
+        await agent.send({"type": "transcript.user", "text": "hi\x1b[2J\nthere\u2028"})
+        line = await self.log.wait_for("caller: hi")
+        self.assertEqual(line, f"[CA{'1' * 32}] caller: hi\\x1b[2J\\nthere\\u2028")
+        self.assertFalse([line for line in self.log.lines if re.search(r"[\r\n\x1b]", line)])
+
+    async def test_message_types_that_are_not_strings_are_malformed(self):
+        """A list or object as `event` or `type` is skipped and counted; the call goes on."""
+        twilio, agent = await self.start_call(call_sid="CA" + "7" * 32)
+        await twilio.send({"event": ["media"], "media": {"payload": audio("x", 0)}})
+        await twilio.send({"event": {"name": "stop"}})
+        await agent.send({"type": ["reply.audio"], "data": audio("y", 0)})
+        await agent.send({"type": {"x": 1}})
+        await self.round_trip(twilio, agent)
+        voice = audio("after", 0, 300)
+        await agent.send({"type": "reply.audio", "reply_id": "r", "data": voice})
+        await twilio.wait_for(lambda t: voice in t.played())
+        await twilio.stop()
+        self.assertEqual(await twilio.closed(), 1000)
+        await self.log.wait_for(r"\[CA7{32}\] call ended .*; malformed messages 4; agent")
+
+    async def test_only_string_audio_is_relayed(self):
+        """Audio whose data or payload is null, a number or an object is never forwarded."""
+        twilio, agent = await self.start_call(call_sid="CA" + "8" * 32)
+        for data in (None, 5, {"a": 1}):
+            await agent.send({"type": "reply.audio", "reply_id": "r", "data": data})
+            await twilio.send({"event": "media", "media": {"payload": data}})
+        await self.round_trip(twilio, agent)
+        voice = audio("real", 0, 300)
+        await agent.send({"type": "reply.audio", "reply_id": "r", "data": voice})
+        await twilio.wait_for(lambda t: voice in t.played())
+        self.assertEqual(twilio.played()[1:], [voice])
+        self.assertEqual(agent.audio_in(), [audio("sync", 0)])
+        await twilio.stop()
+        await self.log.wait_for(r"\[CA8{32}\] call ended .*; malformed messages 6; agent")
+
+    async def raw(self, head: str, body: bytes = b"") -> str:
+        """Send a request exactly as written; return the status line of the answer."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        try:
+            writer.write(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+            return (await asyncio.wait_for(reader.readline(), TIMEOUT)).decode().strip()
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+    async def test_ambiguous_http_heads_get_400_or_411(self):
+        """Repeated Host or signature, a missing or nonsensical Content-Length: 400 or 411."""
+        self.settings(TWILIO_AUTH_TOKEN="secret")
+        form = b"CallSid=CA1"
+        cases = {
+            "POST /twiml HTTP/1.1\nHost: a\nHost: b\nContent-Length: 11\n": "400",
+            "POST /twiml HTTP/1.1\nHost: a\nX-Twilio-Signature: x\nX-Twilio-Signature: y\n"
+            "Content-Length: 11\n": "400",
+            "POST /twiml HTTP/1.1\nHost: a\n": "411",
+            "POST /twiml HTTP/1.1\nHost: a\nContent-Length: eleven\n": "400",
+            "POST /twiml HTTP/1.1\nHost: a\nContent-Length: -11\n": "400",
+            "POST /twiml HTTP/1.1\nHost: a\nContent-Length: 11\nContent-Length: 12\n": "400",
+            "POST /health HTTP/1.1\nHost: a\nContent-Length: 11\nContent-Length: 11\n": "200",
+        }
+        for head, status in cases.items():
+            with self.subTest(head=head):
+                self.assertRegex(await self.raw(head, form), f"^HTTP/1.1 {status} ")
+        self.assertFalse([line for line in self.log.lines if "Traceback" in line])
+
+    async def test_bad_media_format_gets_the_apology_and_no_agent_session(self):
+        """A stream that is not 8 kHz mono mu-law: one line naming it, then the apology."""
+        rest = await self.twilio_api(**{"CA" + "2" * 32: 200})
+        twilio = await self.open_raw({"callSid": "CA" + "2" * 32, "streamSid": "MZ" + "2" * 32,
+                                      "mediaFormat": {"encoding": "audio/x-l16",
+                                                      "sampleRate": 16000, "channels": 1}})
+        request = await rest.next_request()
+        self.assertEqual(request["form"], {"Twiml": [APOLOGY_TWIML]})
+        self.assertEqual(await twilio.closed(), 1000)
+        await self.log.wait_for(r"the stream's audio is \{'encoding': 'audio/x-l16', "
+                                r"'sampleRate': 16000, 'channels': 1\}, not 8 kHz mono mu-law")
+        self.assertEqual(len(self.agent.headers), 0)
+
+    async def test_a_sharedkey_signature_is_named_in_the_refusal(self):
+        """A webhook signed with a SharedKey (beta) gets 403, and the log says why."""
+        self.settings(TWILIO_AUTH_TOKEN="secret")
+        status, _, _ = await self.http("POST", "/twiml", form={"CallSid": "CA1"}, headers={
+            "Host": "abc.ngrok.app", "X-Twilio-Signature": "c2lnbmVk",
+            "X-Twilio-Webhooks-Signature-Settings": "key=KS123,algorithm=HMAC_SHA256"})
+        self.assertEqual(status, 403)
+        await self.log.wait_for("refusing POST /twiml: it is signed with a Twilio SharedKey "
+                                r"\(X-Twilio-Webhooks-Signature-Settings\), and this bridge "
+                                "checks Auth Token signatures")
+
+    async def test_unknown_paths_are_logged_once_a_minute_each(self):
+        """A 404 gets a log line naming the paths served, once per path per minute."""
+        for path in ("/twilml", "/twilml", "/voice"):
+            self.assertEqual((await self.http("POST", path, form={}))[0], 404)
+        lines = [line for line in self.log.lines if line.startswith("404 for")]
+        self.assertEqual(len(lines), 2)
+        self.assertRegex(lines[0], r"^404 for POST /twilml: this server answers /twiml, ")
+        self.assertRegex(lines[1], r"^404 for POST /voice: ")
+
+
+class ProtocolCorners(BridgeTest):
+    """reply.error, stalled agents, goodbyes that never finish, slow REST calls."""
+
+    async def goodbye(self, twilio: TwilioStream, agent: AgentSession):
+        """The agent agrees to hang up, and starts saying goodbye: one frame of it."""
+        await self.agree_to(agent, "end_call")
+        await agent.send({"type": "reply.started", "reply_id": "reply_bye"})
+        bye = audio("bye", 0, 300)
+        await agent.send({"type": "reply.audio", "reply_id": "reply_bye", "data": bye})
+        await twilio.wait_for(lambda t: bye in t.played())
+
+    async def hangs_up_after_the_mark(self, twilio: TwilioStream, agent: AgentSession):
+        mark = await twilio.wait_for(lambda t: [m for m in t.of("event", "mark")
+                                                if m["mark"]["name"].startswith("last-words")])
+        await twilio.echo_mark(mark[0]["mark"]["name"])
+        self.assertEqual(await twilio.closed(), 1000)
+        await self.log.wait_for(r"call ended after [\d.]+ s \(the agent hung up\)")
+
+    async def test_reply_error_ends_the_reply_and_sends_the_waiting_tool_result(self):
+        """A reply.error is logged, and the tool result waiting for the reply's end is sent."""
+        twilio, agent = await self.start_call()
+        await agent.send({"type": "reply.started", "reply_id": "reply_tool"})
+        await agent.send({"type": "tool.call", "call_id": "call_1", "name": "look_up_caller",
+                          "arguments": {}})
+        await agent.send({"type": "reply.error", "reply_id": "reply_tool", "code": "tts_failed",
+                          "message": "speech failed", "retryable": True})
+        result = await agent.wait_for(lambda a: a.of("type", "tool.result"))
+        self.assertEqual(result[0]["call_id"], "call_1")
+        await self.log.wait_for("agent reply failed: tts_failed speech failed")
+
+    async def test_a_goodbye_ending_in_reply_error_still_hangs_up(self):
+        twilio, agent = await self.start_call()
+        await self.goodbye(twilio, agent)
+        await agent.send({"type": "reply.error", "reply_id": "reply_bye", "code": "x",
+                          "message": "y"})
+        await self.hangs_up_after_the_mark(twilio, agent)
+
+    async def test_a_goodbye_cut_off_with_the_agent_socket_still_hangs_up(self):
+        twilio, agent = await self.start_call()
+        await self.goodbye(twilio, agent)
+        await agent.ws.close()
+        again = await self.agent.next_session()
+        await again.wait_for(lambda a: a.of("type", "session.resume"))
+        await again.send({"type": "session.ready", "session_id": "sess_CA" + "1" * 32})
+        await self.hangs_up_after_the_mark(twilio, again)
+
+    async def test_a_goodbye_that_never_finishes_hangs_up_after_a_bound(self):
+        """No reply.done for the last words: after LAST_WORDS_TIMEOUT the bridge acts."""
+        self.settings(LAST_WORDS_TIMEOUT=0.3)
+        twilio, agent = await self.start_call()
+        await self.goodbye(twilio, agent)
+        await self.hangs_up_after_the_mark(twilio, agent)
+
+    async def test_an_agent_that_never_gets_ready_is_retried_then_apologized_for(self):
+        """No session.ready: the connection is dropped and one more tried, then the apology."""
+        rest = await self.twilio_api(**{"CA" + "1" * 32: 200})
+        self.settings(READY_TIMEOUT=0.3)
+        clock = asyncio.get_running_loop().time
+        began = clock()
+        twilio = await TwilioStream.open(self.port)
+        sessions = [await self.agent.next_session(), await self.agent.next_session()]
+        for session in sessions:
+            await session.wait_for(lambda a: a.of("type", "session.update"))
+            await session.closed()
+        request = await rest.next_request()
+        self.assertEqual(request["form"], {"Twiml": [APOLOGY_TWIML]})
+        self.assertLess(clock() - began, 2 * 0.3 + 0.5 + 1)  # two waits, one retry delay
+        self.assertEqual(len(self.agent.headers), 2)
+        await self.log.wait_for("the Voice Agent API sent no session.ready within 0.3 s")
+        self.assertEqual(await twilio.closed(), 1000)
+
+    async def test_fifty_apologies_at_once_neither_queue_nor_starve_tools(self):
+        """The agent fails 50 calls at once and Twilio takes 2 s a request: all 50 apologies
+        reach Twilio together, and a plain tool on a live call still answers at once."""
+        sids = [f"CA{n:032x}" for n in range(51)]
+        rest = await self.twilio_api(delay=2, **{sid: 200 for sid in sids})
+        self.tool("whats_the_time", lambda: "noon")  # plain: it runs in a thread
+        twilio, agent = await self.start_call(call_sid=sids[50])
+        self.agent.refuse = 401
+        failing = await asyncio.gather(*(TwilioStream.open(self.port, call_sid=sid)
+                                         for sid in sids[:50]))
+        first = await rest.next_request()
+        sent = asyncio.get_running_loop().time()
+        result = await self.agree_to(agent, "whats_the_time")
+        self.assertEqual(json.loads(result["result"]), "noon")
+        self.assertLess(asyncio.get_running_loop().time() - sent, 1)
+        await asyncio.wait_for(self.until(lambda: len(rest.requests) == 50), 2 * TIMEOUT)
+        times = [request["time"] for request in rest.requests]
+        self.assertLess(max(times) - min(times), 2)
+        for stream in failing:
+            self.assertEqual(await stream.closed(), 1000)
+        self.assertIn(first, rest.requests)
+
+    async def until(self, condition):
+        while not condition():
+            await asyncio.sleep(0.05)
+
+
+class Metrics(BridgeTest):
+    """GET /metrics: what an operator needs, in Prometheus' text format, and nothing secret."""
+
+    async def metrics(self) -> dict[str, float]:
+        status, kind, body = await self.http("GET", "/metrics")
+        self.assertEqual((status, kind), (200, "text/plain; version=0.0.4"))
+        self.assertNotIn("+1555", body)
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                for line in body.splitlines() if not line.startswith("#")}
+
+    async def test_live_calls_outcomes_and_response_times(self):
+        """A call is live, then counted by how it ended; its answer time is in the histogram
+        and in its summary line."""
+        self.settings(TWILIO_AUTH_TOKEN="secret")
+        before = await self.metrics()
+        self.assertEqual(before["bridge_calls_active"], 0)
+        self.assertEqual(before["bridge_draining"], 0)
+        twilio, agent = await self.start_call(parameters={"From": "+15550001111"})
+        self.assertEqual((await self.metrics())["bridge_calls_active"], 1)
+        await agent.send({"type": "input.speech.started"})
+        await agent.send({"type": "input.speech.stopped"})
+        await asyncio.sleep(0.3)  # the agent takes 0.3 s to answer: the time being measured
+        await agent.speak("reply_1", [audio("answer", 0)])
+        await twilio.wait_for(lambda t: audio("answer", 0) in t.played())
+        await twilio.stop()
+        line = await self.log.wait_for(r"call ended .* response p50 \d+ ms, max \d+ ms;")
+        waited = int(re.search(r"response p50 (\d+) ms", line)[1])
+        self.assertGreaterEqual(waited, 300)
+        after = await self.metrics()
+        self.assertEqual(after["bridge_calls_active"], 0)
+        outcome = 'bridge_calls_total{outcome="caller_hung_up"}'
+        self.assertEqual(after[outcome] - before[outcome], 1)
+        self.assertEqual(after["bridge_response_seconds_count"], 1)
+        self.assertEqual(after['bridge_response_seconds_bucket{le="0.25"}'], 0)
+        self.assertEqual(after['bridge_response_seconds_bucket{le="+Inf"}'], 1)
+        self.assertAlmostEqual(after["bridge_response_seconds_sum"], waited / 1000, delta=0.002)
+
+    async def test_tool_calls_and_failures_are_counted(self):
+        self.tool("broken", lambda: 1 / 0)
+        before = await self.metrics()
+        twilio, agent = await self.start_call()
+        await self.agree_to(agent, "broken")
+        await twilio.stop()
+        await self.log.wait_for("call ended")
+        after = await self.metrics()
+        self.assertEqual([after[name] - before[name] for name in (
+            "bridge_tool_calls_total", "bridge_tool_failures_total")], [1, 1])
+
+
 class Redeploys(BridgeTest):
     """SIGTERM or Ctrl-C: new calls are turned away, live ones finish, then the process exits."""
 
@@ -2049,6 +2367,24 @@ class Redeploys(BridgeTest):
         self.assertEqual(await process.exit_code(), 0)
         await process.wait_for("ending 1 call still live after DRAIN_SECONDS")
 
+    async def test_a_call_answered_just_before_sigterm_still_gets_its_stream(self):
+        """SIGTERM right after this process answered /twiml: it waits for that call's stream
+        and carries the call to its end; /metrics still answers, draining."""
+        process = await self.run_bridge(drain_seconds=30)
+        sid = "CA" + "4" * 32
+        _, _, document = await self.http("POST", "/twiml", form={"CallSid": sid})
+        process.process.send_signal(signal.SIGTERM)
+        await process.wait_for("stopping: new calls are turned away")
+        status, _, body = await self.http("GET", "/metrics")
+        self.assertEqual(status, 200)
+        self.assertIn("\nbridge_draining 1\n", body)
+        twilio, agent = await self.follow(document, sid)
+        await agent.wait_for(lambda a: a.of("type", "session.update"))
+        await agent.send({"type": "session.ready", "session_id": "sess_1"})
+        await self.round_trip(twilio, agent)
+        await twilio.stop()
+        self.assertEqual(await process.exit_code(), 0)
+
     async def test_second_signal_exits_at_once(self):
         """Ctrl-C starts the drain; a second signal exits at once, with a non-zero code."""
         process = await self.run_bridge(drain_seconds=30)
@@ -2058,6 +2394,33 @@ class Redeploys(BridgeTest):
         process.process.send_signal(signal.SIGTERM)
         self.assertEqual(await process.exit_code(), 1)
         await process.wait_for("second signal: exiting now, cutting off 1 live call$")
+
+
+@unittest.skipUnless(os.path.exists("/proc/self/limits"), "reads the limits in /proc")
+class FileDescriptors(unittest.IsolatedAsyncioTestCase):
+    """Each call takes two sockets: the process takes all it may, and says so when out."""
+
+    async def test_the_soft_limit_is_raised_to_the_hard_one(self):
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        process = await BridgeProcess.start(files=(256, hard))
+        self.addAsyncCleanup(process.close)
+        with open(f"/proc/{process.process.pid}/limits") as limits:
+            line = next(line for line in limits if line.startswith("Max open files"))
+        self.assertEqual(line.split()[3:5], [str(hard), str(hard)] if hard >= 0 else
+                         ["unlimited", "unlimited"])
+
+    async def test_running_out_is_logged_once_a_second(self):
+        """Idle connections past the limit: one line a second, no traceback flood."""
+        process = await BridgeProcess.start(files=(64, 64))
+        self.addAsyncCleanup(process.close)
+        writers = []
+        self.addCleanup(lambda: [writer.close() for writer in writers])
+        for _ in range(80):
+            writers.append((await asyncio.open_connection("127.0.0.1", process.port))[1])
+        await process.wait_for("out of file descriptors")
+        await asyncio.sleep(2.5)  # the span whose lines are counted
+        self.assertLessEqual(len([line for line in process.lines if "out of file" in line]), 4)
+        self.assertFalse([line for line in process.lines if "Traceback" in line])
 
 
 class OutboundCommand(unittest.IsolatedAsyncioTestCase):
@@ -2135,6 +2498,15 @@ class OutboundCommand(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(err, "cannot place a call: set TWILIO_AUTH_TOKEN, TWILIO_PHONE_NUMBER "
                               "(see .env.example)\n")
 
+    async def test_public_url_is_checked_as_when_serving(self):
+        """An http:// PUBLIC_URL would give ws:// streams Twilio refuses: no call is placed."""
+        code, out, err = await self.run_bridge("call", "+15551234567",
+                                               PUBLIC_URL="http://abc.ngrok.app")
+        self.assertEqual((code, out), (1, ""))
+        self.assertRegex(err, r"^cannot place a call: PUBLIC_URL=http://abc.ngrok.app must be "
+                              r"https://host or https://host:port, with no path")
+        self.assertEqual(self.twilio.requests, [])
+
     async def test_twilio_errors_are_reported_plainly(self):
         """A Twilio error answer becomes one line with its code and message."""
         self.twilio.answers[self.CALLS] = (400, {
@@ -2209,6 +2581,53 @@ class StartUp(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(await self.serve(ASSEMBLYAI_API_KEY="k", PORT="8080",
                                           MAX_CALL_SECONDS="60", SILENCE_SECONDS="-1"),
                          (1, "SILENCE_SECONDS=-1 is not a number of seconds\n"))
+
+    async def test_placeholder_or_quoted_keys(self):
+        """The README's placeholder, or a key pasted with quotes or spaces, is refused."""
+        self.assertEqual(await self.serve(ASSEMBLYAI_API_KEY="your-key", PORT="8080"), (
+            1, "ASSEMBLYAI_API_KEY is a placeholder: put your key from AssemblyAI's dashboard "
+               "in its place\n"))
+        for key in ('"abc123"', "abc 123", "abc123\t"):
+            self.assertEqual(await self.serve(ASSEMBLYAI_API_KEY=key, PORT="8080"), (
+                1, "ASSEMBLYAI_API_KEY has a space or a quote in it: set the key alone\n"))
+
+    async def test_public_url_is_https_host_and_port_only(self):
+        """http://, a path, or no scheme: refused with what it must be."""
+        for url in ("http://abc.ngrok.app", "https://abc.ngrok.app/bridge", "abc.ngrok.app"):
+            code, err = await self.serve(ASSEMBLYAI_API_KEY="k", PORT="8080", PUBLIC_URL=url)
+            self.assertEqual((code, err), (1, f"PUBLIC_URL={url} must be https://host or "
+                             "https://host:port, with no path: Twilio opens Media Streams at "
+                             "wss:// on that host, never at ws://\n"))
+
+    async def test_help_needs_no_settings(self):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, os.path.join(HERE, "bridge.py"), "--help", cwd=HERE,
+            env={"PATH": os.environ.get("PATH", "")}, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE)
+        out, err = await asyncio.wait_for(process.communicate(), 4 * TIMEOUT)
+        self.assertEqual((process.returncode, err), (0, b""))
+        self.assertIn(b"python bridge.py call +15551234567", out)
+
+    async def test_env_is_read_from_the_project_directory_only(self):
+        """A .env in a parent directory is not read: it may belong to another project."""
+        with tempfile.TemporaryDirectory() as parent:
+            os.mkdir(os.path.join(parent, "project"))
+            shutil.copy(os.path.join(HERE, "bridge.py"), os.path.join(parent, "project"))
+            with open(os.path.join(parent, ".env"), "w") as env:
+                env.write("ASSEMBLYAI_API_KEY=from-another-project\n")
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, os.path.join(parent, "project", "bridge.py"), cwd=parent,
+                env={**{name: value for name, value in os.environ.items()
+                        if name != "ASSEMBLYAI_API_KEY"}, "PORT": "8080"},
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            _, err = await asyncio.wait_for(process.communicate(), 4 * TIMEOUT)
+        self.assertEqual(err, b"ASSEMBLYAI_API_KEY is not set: copy .env.example to .env and "
+                              b"fill it in\n")
+
+    async def test_warning_level_still_says_where_it_listens(self):
+        process = await BridgeProcess.start(LOG_LEVEL="WARNING")  # waits for "listening on"
+        self.addAsyncCleanup(process.close)
+        self.assertFalse([line for line in process.lines if " INFO " in line])
 
     async def test_port_in_use(self):
         """A port another program holds is named, with what to do."""
