@@ -16,9 +16,8 @@ import logging
 import math
 import os
 import re
-import resource
-import signal
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +27,11 @@ import unittest
 import urllib.parse
 from unittest import mock
 from xml.etree import ElementTree
+
+try:
+    import resource  # Unix only: for the tests of file-descriptor limits
+except ImportError:
+    resource = None
 
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
@@ -2640,5 +2644,164 @@ class StartUp(unittest.IsolatedAsyncioTestCase):
                "(set PORT to a free port)\n"))
 
 
+# --------------------------------------------------------------------------- the benchmark
+# python test_bridge.py bench [--calls 100] [--seconds 10]: simulated calls through bridge.py,
+# then through the least a websockets bridge can do, on this machine, in one run. Not a test.
+
+
+class EchoAgent(FakeAgent):
+    """The fake Voice Agent API, for load: ready at once, and every input.audio comes back as
+    reply.audio, so each frame makes the whole round trip."""
+
+    async def handle(self, ws):
+        with contextlib.suppress(ConnectionClosed):
+            await self.echo(ws)
+
+    async def echo(self, ws):
+        async for message in ws:
+            event = json.loads(message)
+            if event["type"] == "input.audio":
+                await ws.send('{"type": "reply.audio", "data": "' + event["audio"] + '"}')
+            elif event["type"] == "session.update":
+                await ws.send('{"type": "session.ready", "session_id": "sess_bench"}')
+
+
+async def minimal_relay(port: int, agent_url: str) -> None:
+    """The least a websockets bridge can do: one agent socket per call, JSON built as strings.
+    No webhooks, no checks, no recovery: what bridge.py is measured against."""
+    async def call(twilio):
+        async for message in twilio:
+            if (event := json.loads(message))["event"] == "start":
+                break
+        media = '{"event": "media", "streamSid": "' + event["start"]["streamSid"] + '", '
+        async with connect(agent_url, compression=None) as agent:
+            await agent.send('{"type": "session.update", "session": {"input": {"format": '
+                             '{"encoding": "audio/pcmu"}}, "output": {"format": '
+                             '{"encoding": "audio/pcmu"}}}}')
+            back = asyncio.create_task(agent_to_twilio(agent, twilio, media))
+            async for message in twilio:
+                if (event := json.loads(message))["event"] == "media":
+                    await agent.send('{"type": "input.audio", "audio": "'
+                                     + event["media"]["payload"] + '"}')
+            back.cancel()
+
+    async with serve(call, "127.0.0.1", port, compression=None):
+        await asyncio.Future()
+
+
+async def agent_to_twilio(agent, twilio, media: str) -> None:
+    async for message in agent:
+        if (event := json.loads(message))["type"] == "reply.audio":
+            await twilio.send(media + '"media": {"payload": "' + event["data"] + '"}}')
+
+
+async def bench_call(port: int, n: int, start_at: float, seconds: float, results: dict):
+    """One simulated call: a 20 ms frame each 20 ms, each numbered, its round trip timed."""
+    loop, sent, trips = asyncio.get_running_loop(), {}, results["trips"]
+    sid = f"{n:032x}"
+    async with connect(f"ws://127.0.0.1:{port}/stream", compression=None) as ws:
+        await ws.send(json.dumps({"event": "start", "start": {
+            "callSid": "CA" + sid, "streamSid": "MZ" + sid, "customParameters": {},
+            "mediaFormat": bridge.TWILIO_AUDIO}}))
+        receiving = asyncio.create_task(bench_receive(ws, sent, trips))
+        await asyncio.sleep(start_at - loop.time())
+        frames = int(seconds / 0.02)
+        for frame in range(frames):
+            await asyncio.sleep(start_at + frame * 0.02 - loop.time())
+            payload = base64.b64encode(frame.to_bytes(4, "big") + b"\xff" * 156).decode()
+            sent[frame] = loop.time()
+            await ws.send('{"event": "media", "media": {"payload": "' + payload + '"}}')
+        await asyncio.sleep(1)  # for the last frames to come back
+        receiving.cancel()
+    results["sent"] += frames
+    results["lost"] += len(sent)
+
+
+async def bench_receive(ws, sent: dict, trips: list):
+    loop = asyncio.get_running_loop()
+    async for message in ws:
+        event = json.loads(message)
+        if event["event"] == "media":
+            frame = int.from_bytes(base64.b64decode(event["media"]["payload"])[:4], "big")
+            trips.append(loop.time() - sent.pop(frame))
+
+
+def cpu_and_memory(pid: int) -> tuple[float, float]:
+    """A process's CPU seconds so far, and its resident memory in MB (Linux's /proc)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        utime, stime = stat.read().rsplit(")", 1)[1].split()[11:13]
+    with open(f"/proc/{pid}/status") as status:
+        rss = next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
+    return (int(utime) + int(stime)) / os.sysconf("SC_CLK_TCK"), rss / 1024
+
+
+async def bench_one(command: list[str], calls: int, seconds: float, agent_url: str) -> dict:
+    """Load one bridge (a command that serves on $PORT) with calls; return its figures."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = await asyncio.create_subprocess_exec(*command, env={
+        **os.environ, "PORT": str(port), "VOICE_AGENT_URL": agent_url, "LOG_LEVEL": "WARNING",
+        "ASSEMBLYAI_API_KEY": "bench-key", "TWILIO_AUTH_TOKEN": "", "PUBLIC_URL": "",
+        "SILENCE_SECONDS": "0"}, cwd=HERE, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):  # until it listens
+            with contextlib.suppress(OSError):
+                (await asyncio.open_connection("127.0.0.1", port))[1].close()
+                break
+            await asyncio.sleep(0.1)
+        loop, warm = asyncio.get_running_loop(), 1 + calls / 100
+        begin = loop.time() + warm  # then the calls start, spread over one frame period
+        results = {"sent": 0, "lost": 0, "trips": []}
+        calls_done = asyncio.gather(*(bench_call(port, n, begin + 0.02 * n / calls, seconds,
+                                                 results) for n in range(calls)))
+        await asyncio.sleep(warm + 1)
+        cpu_before, clock_before = cpu_and_memory(process.pid)[0], loop.time()
+        await asyncio.sleep(seconds - 1.5)
+        cpu_after, rss = cpu_and_memory(process.pid)
+        cpu = (cpu_after - cpu_before) / (loop.time() - clock_before)
+        await calls_done
+    finally:
+        process.terminate()
+        await process.wait()
+    trips = sorted(results["trips"]) or [math.nan]
+    return {"cpu_ms_per_call_second": 1000 * cpu / calls, "rss_mb": rss,
+            "rtt_p50_ms": 1000 * trips[len(trips) // 2],
+            "rtt_p99_ms": 1000 * trips[int(len(trips) * 0.99)],
+            "loss_pct": 100 * results["lost"] / max(results["sent"], 1)}
+
+
+async def bench(calls: int, seconds: float) -> None:
+    agent = await EchoAgent().start()
+    figures = {}
+    try:
+        for name, command in (("bridge.py", [sys.executable, "bridge.py"]),
+                              ("minimal relay", [sys.executable, "test_bridge.py", "relay"])):
+            figures[name] = await bench_one(command, calls, seconds, agent.url)
+    finally:
+        await agent.stop()
+    print(f"{calls} calls for {seconds:g} s each, on {os.cpu_count()} CPUs, Python "
+          f"{sys.version.split()[0]}")
+    print(f"{'':14} {'CPU ms/call-s':>13} {'RSS MB':>7} {'RTT p50 ms':>10} {'p99 ms':>7} "
+          f"{'loss %':>7}")
+    for name, row in figures.items():
+        print(f"{name:14} {row['cpu_ms_per_call_second']:13.2f} {row['rss_mb']:7.1f} "
+              f"{row['rtt_p50_ms']:10.1f} {row['rtt_p99_ms']:7.1f} {row['loss_pct']:7.2f}")
+    ratio = (figures["bridge.py"]["cpu_ms_per_call_second"]
+             / figures["minimal relay"]["cpu_ms_per_call_second"])
+    print(f"bridge.py CPU / minimal relay CPU: {ratio:.2f}")
+
+
+def main(argv: list[str]) -> None:
+    """Run the tests; or `bench [--calls N] [--seconds S]`; or `relay` (for the benchmark)."""
+    if argv[:1] == ["relay"]:
+        asyncio.run(minimal_relay(int(os.environ["PORT"]), os.environ["VOICE_AGENT_URL"]))
+    elif argv[:1] == ["bench"]:
+        options = dict(zip(argv[1::2], argv[2::2]))
+        asyncio.run(bench(int(options.get("--calls", 100)), float(options.get("--seconds", 10))))
+    else:
+        unittest.main()
+
+
 if __name__ == "__main__":
-    unittest.main()
+    main(sys.argv[1:])
