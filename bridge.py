@@ -87,7 +87,6 @@ MAX_VARIABLES = 20  # call variables a call carries
 PLACEHOLDER_KEYS = {"your-key", "your_api_key", "<your-key>"}  # from README.md: not real keys
 
 log = logging.getLogger("bridge")
-UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")  # escaped in logs
 live_calls: set[asyncio.Task] = set()  # the media_stream task of every call in progress
 draining = False  # set on SIGTERM or Ctrl-C: new calls are turned away, live ones finish
 unstarted: dict[str, float] = {}  # CallSid -> when we answered it, until its stream starts
@@ -123,7 +122,8 @@ STREAM_SID = re.compile(r"MZ[0-9a-fA-F]{32}")  # ...and a Media Stream's
 E164 = re.compile(r"\+[1-9]\d{1,14}")  # a phone number: +15551234567
 DESTINATION = re.compile(E164.pattern + r"|sip:[^\s<>\"']+")  # what we can dial: E.164, SIP
 PLACEHOLDER = re.compile(r"\{(\w+)\}")  # {name} in a greeting
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff\ufffe\uffff]")  # dropped from facts
+# Characters dropped from facts, and escaped in log lines: controls, line separators...
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff\ufffe\uffff]")
 
 # How the facts are shown to the agent, at the end of its system prompt. They come from the
 # phone network and whoever placed the call, so they are quoted as data, never obeyed.
@@ -340,7 +340,7 @@ def agent_for(number: str) -> dict:
 
 def offered_tools(agent: dict) -> dict:
     """The agent's tools: transfer_call only if there is somewhere to transfer to."""
-    can_transfer = bool(transfer_targets(agent)) and twilio_credentials()
+    can_transfer = bool(transfer_targets(agent)) and not missing_credentials()
     return {name: TOOLS[name] for name in agent["tools"]
             if name != "transfer_call" or can_transfer}
 
@@ -497,13 +497,8 @@ DTMF_PAUSE = base64.b64encode(b"\xff" * 4000).decode()  # "w": half a second of 
 # --------------------------------------------------------------------------- Twilio's REST API
 
 
-def twilio_credentials() -> bool:
-    """Whether the bridge may use Twilio's REST API: to transfer, apologize, place calls."""
-    return not missing_credentials()
-
-
 def missing_credentials() -> str:
-    """The Twilio credentials that are not set, by name: "" if both are."""
+    """The Twilio credentials (for the REST API) that are not set, by name: "" if both are."""
     return " and ".join(name for name, value in (("TWILIO_ACCOUNT_SID", TWILIO_ACCOUNT_SID),
                                                  ("TWILIO_AUTH_TOKEN", TWILIO_AUTH_TOKEN))
                         if not value)
@@ -575,12 +570,10 @@ class Escaped(logging.Filter):
     break in it cannot forge a line, nor a terminal escape take over the screen."""
 
     def filter(self, record):
-        record.msg, record.args = UNPRINTABLE.sub(escape_one, record.getMessage()), ()
+        record.msg = CONTROL_CHARACTERS.sub(lambda match: match[0].encode("unicode_escape")
+                                            .decode(), record.getMessage())  # "\r\n" for CR LF
+        record.args = ()
         return True
-
-
-def escape_one(match: re.Match) -> str:
-    return match[0].encode("unicode_escape").decode()  # "\r\n" for a CR LF
 
 
 log.addFilter(Escaped())
@@ -1106,9 +1099,9 @@ async def record(call: Call) -> None:
 async def apologize(call: Call) -> None:
     """The Voice Agent API failed: have Twilio apologize in its own voice before hanging up."""
     call.ending = "agent_failed"
-    if not twilio_credentials():
+    if missing := missing_credentials():
         call.log.warning("hanging up without a spoken apology: set %s so that callers hear one",
-                         missing_credentials())
+                         missing)
     elif await redirect(call.log, call.sid, say_twiml(APOLOGY)):
         call.log.info("the caller hears an apology, then the call ends")
         call.ending = "apology"
