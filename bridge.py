@@ -81,6 +81,7 @@ REPLY_WAIT = 5  # seconds for the agent to start its last words after end_call o
 LAST_WORDS_TIMEOUT = 30  # seconds for those last words to finish (reply.done), at most
 MARK_TIMEOUT = 10  # seconds for Twilio to say the last words have played before acting anyway
 TWILIO_API_TIMEOUT = 10  # seconds for one request to Twilio's REST API
+TOOL_TIMEOUT = 30  # seconds a tool may take before the agent gets an error result
 KEYPAD_PAUSE = 2  # seconds after the caller's last key that end a keypad entry (so does #)
 MAX_PARAMETER = 499  # bytes of a <Parameter>'s name plus UTF-8 value: Twilio wants under 500
 MAX_VARIABLES = 20  # call variables a call carries
@@ -935,8 +936,13 @@ async def invoke(function, arguments: dict, call: Call):
     given = {"call": lambda: dict(call.facts), "play": lambda: partial(play, call)}
     arguments = {**arguments, **{name: give() for name, give in given.items() if name in wanted}}
     if inspect.iscoroutinefunction(function):
-        return await function(**arguments)
-    return await asyncio.to_thread(function, **arguments)  # a plain one cannot stall the audio
+        running = function(**arguments)
+    else:
+        running = asyncio.to_thread(function, **arguments)  # a plain one cannot stall the audio
+    try:
+        return await asyncio.wait_for(running, TOOL_TIMEOUT)
+    except TimeoutError:  # the agent is told, and the call goes on
+        raise TimeoutError(f"no answer within {TOOL_TIMEOUT} s") from None
 
 
 async def send_waiting(call: Call) -> None:
@@ -1311,8 +1317,9 @@ async def end_session(call: Call) -> None:
     if call.agent is None:
         return
     if not call.session_over:
-        with suppress(ConnectionClosed):
-            await call.agent.send(json.dumps({"type": "session.end"}))
+        with suppress(ConnectionClosed, TimeoutError):  # a peer that reads nothing: go on
+            async with asyncio.timeout(AGENT_OPEN_TIMEOUT):
+                await call.agent.send(json.dumps({"type": "session.end"}))
     await call.agent.close()
 
 

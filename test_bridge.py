@@ -1092,6 +1092,17 @@ class Tools(BridgeTest):
         self.assertTrue(by_id["c2"]["is_error"])
         self.assertIn("no tool named 'nope'", json.loads(by_id["c2"]["result"])["error"])
 
+    async def test_a_tool_that_never_answers_gets_an_error_result_in_bounded_time(self):
+        async def hangs():
+            await asyncio.Event().wait()
+        self.settings(TOOL_TIMEOUT=0.2)
+        self.tool("hangs", hangs)
+        twilio, agent = await self.start_call()
+        result = await self.agree_to(agent, "hangs")
+        self.assertTrue(result["is_error"])
+        self.assertEqual(json.loads(result["result"]),
+                         {"error": "TimeoutError: no answer within 0.2 s"})
+
     async def test_slow_tool_does_not_stall_audio(self):
         """While a plain (blocking) tool runs, audio still flows both ways."""
         release = threading.Event()
