@@ -2278,21 +2278,17 @@ class ProtocolCorners(BridgeTest):
         self.agent.refuse = 401
         failing = await asyncio.gather(*(TwilioStream.open(self.port, call_sid=sid)
                                          for sid in sids[:50]))
-        first = await rest.next_request()
+        await rest.next_request()  # the apologies have begun
         sent = asyncio.get_running_loop().time()
         result = await self.agree_to(agent, "whats_the_time")
         self.assertEqual(json.loads(result["result"]), "noon")
         self.assertLess(asyncio.get_running_loop().time() - sent, 1)
-        await asyncio.wait_for(self.until(lambda: len(rest.requests) == 50), 2 * TIMEOUT)
+        for _ in range(49):  # the other apologies
+            await rest.next_request()
         times = [request["time"] for request in rest.requests]
         self.assertLess(max(times) - min(times), 2)
         for stream in failing:
             self.assertEqual(await stream.closed(), 1000)
-        self.assertIn(first, rest.requests)
-
-    async def until(self, condition):
-        while not condition():
-            await asyncio.sleep(0.05)
 
 
 class Metrics(BridgeTest):
