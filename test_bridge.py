@@ -1093,6 +1093,7 @@ class Tools(BridgeTest):
         self.assertIn("no tool named 'nope'", json.loads(by_id["c2"]["result"])["error"])
 
     async def test_a_tool_that_never_answers_gets_an_error_result_in_bounded_time(self):
+        """A tool still running after TOOL_TIMEOUT is answered with an error result."""
         async def hangs():
             await asyncio.Event().wait()
         self.settings(TOOL_TIMEOUT=0.2)
@@ -2228,6 +2229,7 @@ class ProtocolCorners(BridgeTest):
         await self.log.wait_for("agent reply failed: tts_failed speech failed")
 
     async def test_a_goodbye_ending_in_reply_error_still_hangs_up(self):
+        """A goodbye that ends in reply.error instead of reply.done is over: the call ends."""
         twilio, agent = await self.start_call()
         await self.goodbye(twilio, agent)
         await agent.send({"type": "reply.error", "reply_id": "reply_bye", "code": "x",
@@ -2235,6 +2237,7 @@ class ProtocolCorners(BridgeTest):
         await self.hangs_up_after_the_mark(twilio, agent)
 
     async def test_a_goodbye_cut_off_with_the_agent_socket_still_hangs_up(self):
+        """The agent socket drops mid-goodbye: once the session is back, the call ends."""
         twilio, agent = await self.start_call()
         await self.goodbye(twilio, agent)
         await agent.ws.close()
@@ -2329,6 +2332,7 @@ class Metrics(BridgeTest):
         self.assertAlmostEqual(after["bridge_response_seconds_sum"], waited / 1000, delta=0.002)
 
     async def test_tool_calls_and_failures_are_counted(self):
+        """Each tool call, and each that raised, is counted when the call ends."""
         self.tool("broken", lambda: 1 / 0)
         before = await self.metrics()
         twilio, agent = await self.start_call()
@@ -2412,6 +2416,7 @@ class FileDescriptors(unittest.IsolatedAsyncioTestCase):
     """Each call takes two sockets: the process takes all it may, and says so when out."""
 
     async def test_the_soft_limit_is_raised_to_the_hard_one(self):
+        """Started with a soft limit of 256 open files, the bridge raises it to the hard one."""
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         process = await BridgeProcess.start(files=(256, hard))
         self.addAsyncCleanup(process.close)
@@ -2611,6 +2616,7 @@ class StartUp(unittest.IsolatedAsyncioTestCase):
                              "wss:// on that host, never at ws://\n"))
 
     async def test_help_needs_no_settings(self):
+        """--help prints the usage and exits 0, with no settings at all."""
         process = await asyncio.create_subprocess_exec(
             sys.executable, os.path.join(HERE, "bridge.py"), "--help", cwd=HERE,
             env={"PATH": os.environ.get("PATH", "")}, stdout=subprocess.PIPE,
@@ -2636,6 +2642,7 @@ class StartUp(unittest.IsolatedAsyncioTestCase):
                               b"fill it in\n")
 
     async def test_warning_level_still_says_where_it_listens(self):
+        """LOG_LEVEL=WARNING hides INFO lines, but not the one that says where it listens."""
         process = await BridgeProcess.start(LOG_LEVEL="WARNING")  # waits for "listening on"
         self.addAsyncCleanup(process.close)
         self.assertFalse([line for line in process.lines if " INFO " in line])
