@@ -2804,6 +2804,10 @@ async def bench(calls: int, seconds: float) -> None:
     ratio = (figures["bridge.py"]["cpu_ms_per_call_second"]
              / figures["minimal relay"]["cpu_ms_per_call_second"])
     print(f"bridge.py CPU / minimal relay CPU: {ratio:.2f}")
+    ours = figures["bridge.py"]
+    met = ratio <= 1.15 and ours["loss_pct"] == 0 and ours["rss_mb"] <= 40
+    print(f"targets (CPU at most 1.15x the relay's, no frame lost, RSS at most 40 MB): "
+          f"{'met' if met else 'MISSED'}")
 
 
 def main(argv: list[str]) -> None:
