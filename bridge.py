@@ -220,22 +220,16 @@ async def send_digits(digits: str, play) -> str:
     return f"Pressed {digits}."
 
 
-# Tools the agent may call: name -> what the model reads, and the function that runs. The
-# function gets the model's arguments as keywords, may be plain or async, and returns anything
-# JSON can encode; an exception it raises is reported to the agent as a failed tool call.
-# A function with a `call` parameter also gets the call's facts there (the model never sees
-# it). "then" names what the bridge does once the agent's reply to the result has played.
+# Tools the agent may call: name -> what the model reads, and the function that runs, plain or
+# async, with the model's arguments as keywords (and the call's facts as `call`, if it has
+# that parameter). It returns anything JSON can encode; what it raises is reported to the
+# agent as a failed call. "then": what the bridge does once the reply to the result has played.
 TOOLS = {
     "generate_random_number": {
         "description": "Generate a random whole number between min and max, inclusive.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "min": {"type": "integer", "description": "The smallest allowed number."},
-                "max": {"type": "integer", "description": "The largest allowed number."},
-            },
-            "required": ["min", "max"],
-        },
+        "parameters": {"type": "object", "required": ["min", "max"], "properties": {
+            "min": {"type": "integer", "description": "The smallest allowed number."},
+            "max": {"type": "integer", "description": "The largest allowed number."}}},
         "function": generate_random_number,
     },
     "look_up_caller": {
@@ -261,9 +255,8 @@ TOOLS = {
     "send_digits": {
         "description": "Press keys on the phone keypad, to answer an automated phone menu or "
                        "dial an extension. It answers once the far end has heard the tones.",
-        "parameters": {"type": "object", "properties": {"digits": {
-            "type": "string", "description": "Keys to press: 0-9, * and #; w waits 0.5 s."}},
-                       "required": ["digits"]},
+        "parameters": {"type": "object", "required": ["digits"], "properties": {"digits": {
+            "type": "string", "description": "Keys to press: 0-9, * and #; w waits 0.5 s."}}},
         "function": send_digits,
     },
 }
