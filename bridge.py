@@ -765,11 +765,11 @@ async def on_reply_started(call: Call, event: dict) -> None:
 async def on_reply_audio(call: Call, event: dict) -> None:
     if (event.get("reply_id") or call.reply_id) in call.interrupted:
         return  # the tail of a reply the caller talked over: never play it
+    if not isinstance(payload := event["data"], str):
+        raise TypeError("the audio is not a string")
     if call.answering:  # the first audio of the answer to the caller: how long they waited
         call.responses.append(time.monotonic() - call.answering)
         call.answering = 0
-    if not isinstance(payload := event["data"], str):
-        raise TypeError("the audio is not a string")
     call.frames_out += 1
     await call.twilio.send(twilio_media(call.stream_sid, payload))
 
@@ -1366,11 +1366,12 @@ METRICS = {  # family -> its type, and what it counts
     "bridge_response_seconds": ("histogram", "From the end of the caller's speech to the first "
                                 "audio of the agent's answer."),
 }
+CALL_COUNTS = {"agent_reconnects": "reconnects", "malformed_messages": "malformed",
+               "tool_calls": "tool_calls", "tool_failures": "tool_failures"}  # -> Call field
 RESPONSE_BUCKETS = (0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, "+Inf")  # seconds
 counts = Counter({  # sample -> value: every sample listed from the start, in order
     **{f'bridge_calls_total{{outcome="{ending}"}}': 0 for ending in ENDINGS},
-    **{f"bridge_{name}_total": 0 for name in ("agent_reconnects", "malformed_messages",
-                                              "tool_calls", "tool_failures")},
+    **{f"bridge_{name}_total": 0 for name in CALL_COUNTS},
     **{f'bridge_response_seconds_bucket{{le="{le}"}}': 0 for le in RESPONSE_BUCKETS},
     "bridge_response_seconds_sum": 0, "bridge_response_seconds_count": 0})
 
@@ -1378,10 +1379,8 @@ counts = Counter({  # sample -> value: every sample listed from the start, in or
 def count_ended(call: Call) -> None:
     """Add a call that has ended to the counts."""
     counts[f'bridge_calls_total{{outcome="{call.ending or "stream_closed"}"}}'] += 1
-    for name, value in (("agent_reconnects", call.reconnects), ("malformed_messages",
-                        call.malformed), ("tool_calls", call.tool_calls),
-                        ("tool_failures", call.tool_failures)):
-        counts[f"bridge_{name}_total"] += value
+    for name, attribute in CALL_COUNTS.items():
+        counts[f"bridge_{name}_total"] += getattr(call, attribute)
     for seconds in call.responses:
         for le in RESPONSE_BUCKETS:
             if le == "+Inf" or seconds <= le:
