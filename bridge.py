@@ -282,24 +282,11 @@ def answer_call(hook: Webhook, stream: str = "/stream") -> Response:
     return hook.answer(200, document, "text/xml")
 
 
-# The plain HTTP requests this server answers: path -> handler(hook). Part 2 and 3 add theirs.
+# The plain HTTP requests this server answers: path -> handler(hook), which process_request
+# (Part 3) calls with the request parsed. Part 2 and 3 add theirs.
 WEBHOOKS = {
     "/twiml": answer_call,
 }
-
-
-async def process_request(connection: ServerConnection, request: Request) -> Response | None:
-    """Answer the plain HTTP webhooks; let Media Stream upgrades through to media_stream()."""
-    url = urllib.parse.urlsplit(request.path)
-    if refusal := refuse(connection, request, url.path):  # Part 3: 404, 403, 503...
-        return refusal
-    if url.path in STREAMS:
-        return None  # a Media Stream: go on with the WebSocket handshake
-    query = urllib.parse.parse_qsl(url.query, keep_blank_values=True)
-    # Twilio sends its fields in a POST's body, or in the query string of a GET.
-    form = connection.form or query
-    response = WEBHOOKS[url.path](Webhook(connection, request, url.path, dict(query), dict(form)))
-    return await response if inspect.isawaitable(response) else response
 
 
 # ---------------------------------------------------------------- the stream and the agent session
@@ -309,8 +296,6 @@ async def process_request(connection: ServerConnection, request: Request) -> Res
 
 START_TIMEOUT = 10  # seconds for Twilio's `start` message after the stream opens
 AGENT_OPEN_TIMEOUT = 5  # seconds to open the Voice Agent API WebSocket, each try
-FIRST_TRIES = (0, 0.5)  # seconds to wait before each try to open a call's agent session
-TWILIO_AUDIO = {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}  # in `start`
 
 
 class CallLog(logging.LoggerAdapter):
@@ -395,7 +380,7 @@ async def media_stream(twilio: ServerConnection) -> None:
     call_began(call)  # Part 3: /metrics and a drain count it as live
     start_recording(call)  # Part 2: recording, if RECORD_CALLS is on
     try:
-        if hears_mulaw(call, details) and await open_session(call, FIRST_TRIES):
+        if hears_mulaw(call, details) and await connect_agent(call, FIRST_TRIES):
             await converse(call)
         else:
             await apologize(call)  # Part 2: Twilio says sorry in its own voice
@@ -450,46 +435,19 @@ def new_call(twilio: ServerConnection, start: dict) -> Call:
     return call
 
 
-def hears_mulaw(call: Call, start: dict) -> bool:
-    """Whether the stream's audio is what the agent is told it is, 8 kHz mono mu-law; if not,
-    say so: relayed as such, it would be noise."""
-    audio = start.get("mediaFormat")
-    if isinstance(audio, dict) and all(audio.get(k) == v for k, v in TWILIO_AUDIO.items()):
-        return True
-    call.log.error("the stream's audio is %.200s, not 8 kHz mono mu-law: no agent can hear it",
-                   audio)
-    return False
-
-
-async def open_session(call: Call, delays: tuple) -> bool:
-    """Connect to the Voice Agent API and start the call's session, or resume it.
-
-    Try once after each delay; a refused key is not tried again. Log why if it never opens.
-    """
-    why = "the Voice Agent API kept closing new sessions before they were ready"
-    for delay in delays:
-        await asyncio.sleep(delay)
-        try:
-            agent = await connect(
-                VOICE_AGENT_URL, compression=None, open_timeout=AGENT_OPEN_TIMEOUT,
-                additional_headers={"Authorization": f"Bearer {ASSEMBLYAI_API_KEY}"})
-        except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
-            why = connect_error(exc)  # Part 3: what to check
-            if isinstance(exc, InvalidStatus) and exc.response.status_code in (401, 403):
-                break
-            continue
-        call.agent, call.error = agent, ""
-        set_timer(call, "ready", READY_TIMEOUT, not_ready)  # Part 3: a stalled agent
-        if call.session_id:
-            first = session_resume(call)
-        else:
-            first = session_update(call)
-            call.replying = bool(call.greeting)  # until the greeting is done, nothing interrupts
-        with suppress(ConnectionClosed):  # if it closes at once, agent_to_caller says why
-            await agent.send(json.dumps(first))
-        return True
-    call.log.error("%s", why)
-    return False
+async def open_session(call: Call) -> None:
+    """Connect to the Voice Agent API and start the call's session, or resume a dropped one."""
+    call.agent = await connect(VOICE_AGENT_URL, compression=None, open_timeout=AGENT_OPEN_TIMEOUT,
+                               additional_headers={"Authorization": f"Bearer {ASSEMBLYAI_API_KEY}"})
+    call.error = ""
+    set_timer(call, "ready", READY_TIMEOUT, not_ready)  # Part 3: an agent that never gets ready
+    if call.session_id:
+        first = session_resume(call)
+    else:
+        first = session_update(call)
+        call.replying = bool(call.greeting)  # until the greeting is done, nothing interrupts
+    with suppress(ConnectionClosed):  # if it closes at once, agent_to_caller says why
+        await call.agent.send(json.dumps(first))
 
 
 def session_update(call: Call) -> dict:
@@ -615,14 +573,6 @@ async def relay(call: Call, source, handlers: dict, key: str, sender: str) -> No
                 pass  # the other side's socket closed: its own relay deals with that
             except (KeyError, TypeError, AttributeError, ValueError) as exc:
                 note_malformed(call, sender, f"{kind}: {type(exc).__name__} {exc}")
-
-
-def note_malformed(call: Call, sender: str, what: str) -> None:
-    """Count a message we could not use; only the first of each call gets a log line."""
-    call.counts["malformed messages"] += 1
-    if call.counts["malformed messages"] == 1:
-        call.log.warning("ignoring a malformed message from %s (later ones are only counted): %s",
-                         sender, what)
 
 
 # --- Twilio -> agent. A handler returns True when its side has ended the call.
@@ -751,7 +701,6 @@ async def on_session_ended(call: Call, event: dict) -> bool:
 # ------------------------------------------------------------------ tool calls and their results
 # The agent asks for a tool (tool.call); the bridge runs it in its own task, so audio keeps
 # flowing, and answers with tool.result under the Voice Agent API's timing rule (send_waiting).
-# The bridge can also have the agent speak, steered by instructions (reply.create).
 
 TOOL_TIMEOUT = 30  # seconds a tool may take before the agent gets an error result
 REPLY_WAIT = 5  # seconds for the agent to start a reply the bridge asked for
@@ -761,11 +710,6 @@ def tool_result(call_id: str, result: object, is_error: bool = False) -> str:
     """A tool.result message; the protocol wants `result` as a JSON string."""
     return json.dumps({"type": "tool.result", "call_id": call_id,
                        "result": json.dumps(result), "is_error": is_error})
-
-
-def reply_create(instructions: str) -> str:
-    """A reply.create message: the agent replies now, steered by these instructions."""
-    return json.dumps({"type": "reply.create", "instructions": instructions})
 
 
 async def on_tool_call(call: Call, event: dict) -> None:
@@ -814,19 +758,12 @@ async def invoke(function, arguments: dict, call: Call):
         raise TimeoutError(f"no answer within {TOOL_TIMEOUT} s") from None
 
 
-def steer(call: Call, instructions: str, then: str | None = None) -> None:
-    """Have the agent reply, steered by instructions, as soon as it is not speaking."""
-    call.steers.append((reply_create(instructions), then))
-    start(call, send_waiting(call))
-
-
 async def send_waiting(call: Call) -> None:
-    """Send the tool results and reply.create messages whose moment has come.
+    """Send the tool results whose moment has come, then what the bridge steers (Part 2).
 
     A tool result follows the Voice Agent API's timing rule: only while reply.done is the
     latest turn event; not earlier, while the agent still speaks its filler phrase, nor after
-    reply.started or input.speech.started, when a new turn has begun. A reply.create waits
-    until the agent is not speaking: during the greeting, it would replace the greeting.
+    reply.started or input.speech.started, when a new turn has begun.
     """
     with suppress(ConnectionClosed):  # the agent's socket dropped: agent_to_caller sees to it
         while call.results and call.last_event == "reply.done":
@@ -834,20 +771,7 @@ async def send_waiting(call: Call) -> None:
             await call.agent.send(message)
             after_sending(call, then, arguments)
             count_silence(call)  # Part 2: the tool has answered, the silence count goes on
-        while call.steers and call.ready and not call.replying:
-            message, then = call.steers.pop(0)
-            call.replying = True  # the reply it asks for comes next...
-            set_timer(call, "reply", REPLY_WAIT, no_reply)  # ...or, after a while, never
-            await call.agent.send(message)
-            after_sending(call, then)
-
-
-def no_reply(call: Call) -> None:
-    """The agent did not answer a reply.create: stop waiting for that reply."""
-    call.log.warning("the agent did not reply within %g s", REPLY_WAIT)
-    call.replying = False
-    count_silence(call)
-    start(call, send_waiting(call))
+        await send_steers(call)  # Part 2: keypad entries, silence nudges
 
 
 AGENT_EVENTS = {  # Part 3 adds the session's errors
@@ -881,11 +805,6 @@ ENDINGS = {  # Part 2's chapters add their own
     "time_limit": "MAX_CALL_SECONDS",
     "stream_closed": "the stream closed",
 }
-
-# What the summary line counts, in order, besides the audio frames each way.
-SUMMARY = ("barge-ins", "tool calls", "keypad entries", "silence nudges", "malformed messages",
-           "agent reconnects")
-
 
 class CallGoesOn(Exception):
     """The caller spoke over the agent's last words: the hang-up or transfer is off."""
@@ -963,16 +882,6 @@ async def finish(call: Call) -> None:
     count_ended(call)  # Part 3: /metrics
 
 
-def summary(call: Call) -> str:
-    """The call's last log line: how long, how it ended, and what happened in it."""
-    waits = sorted(round(wait * 1000) for wait in call.responses)
-    timed = (f"response p50 {waits[len(waits) // 2]} ms, max {waits[-1]} ms" if waits
-             else "no timed turns")
-    return (f"call ended after {time.monotonic() - call.started:.1f} s "
-            f"({ENDINGS[call.ending or 'stream_closed']}), agent session "
-            f"{call.session_id or 'none'}: audio frames {call.counts['frames in']} in, "
-            f"{call.counts['frames out']} out; {timed}; "
-            + "; ".join(f"{name} {call.counts[name]}" for name in SUMMARY))
 
 
 # ======================================================================== Part 2: the phone network
@@ -1210,6 +1119,40 @@ GUIDANCE.append("When the caller types on their phone keypad, you get a note say
                 "keys they pressed: treat it as their answer.")
 ENDINGS["silence"] = "the caller stayed silent: the agent hung up"
 CALL_ACTIONS["say goodbye"] = partial(hang_up, ending="silence")
+
+
+# A keypad entry or a silence nudge reaches the agent as a reply.create: instructions it
+# replies to at once. It waits until the agent is not speaking: during the greeting, it would
+# replace the greeting.
+
+
+def reply_create(instructions: str) -> str:
+    """A reply.create message: the agent replies now, steered by these instructions."""
+    return json.dumps({"type": "reply.create", "instructions": instructions})
+
+
+def steer(call: Call, instructions: str, then: str | None = None) -> None:
+    """Have the agent reply, steered by instructions, as soon as it is not speaking."""
+    call.steers.append((reply_create(instructions), then))
+    start(call, send_waiting(call))
+
+
+async def send_steers(call: Call) -> None:
+    """Send the reply.create messages waiting for the agent to stop speaking, one a reply."""
+    while call.steers and call.ready and not call.replying:
+        message, then = call.steers.pop(0)
+        call.replying = True  # the reply it asks for comes next...
+        set_timer(call, "reply", REPLY_WAIT, no_reply)  # ...or, after a while, never
+        await call.agent.send(message)
+        after_sending(call, then)
+
+
+def no_reply(call: Call) -> None:
+    """The agent did not answer a reply.create: stop waiting for that reply."""
+    call.log.warning("the agent did not reply within %g s", REPLY_WAIT)
+    call.replying = False
+    count_silence(call)
+    start(call, send_waiting(call))
 
 
 @dataclass
@@ -1684,6 +1627,7 @@ WEBHOOKS["/calls"] = calls_api
 # knows is replaced by a new one, without a second greeting. When nothing works, Part 2's
 # apology.
 
+FIRST_TRIES = (0, 0.5)  # seconds to wait before each try to open a call's agent session
 RETRY_DELAYS = (0, 0.5, 1, 2, 4)  # seconds before each try to get a dropped session back
 RECONNECT_SECONDS = 10  # at most this long trying, before the caller hears an apology
 READY_TIMEOUT = 10  # seconds for session.ready on a new connection, before trying another
@@ -1719,11 +1663,28 @@ async def session_back(call: Call) -> bool:
     return True
 
 
+async def connect_agent(call: Call, delays: tuple) -> bool:
+    """Open the call's agent session (open_session), trying once after each delay; a refused
+    key is not tried again. Whether it opened; if not, a log line says why."""
+    why = "the Voice Agent API kept closing new sessions before they were ready"
+    for delay in delays:
+        await asyncio.sleep(delay)
+        try:
+            await open_session(call)
+            return True
+        except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
+            why = connect_error(exc)
+            if isinstance(exc, InvalidStatus) and exc.response.status_code in (401, 403):
+                break
+    call.log.error("%s", why)
+    return False
+
+
 async def reopen_session(call: Call, delays: tuple) -> bool:
     """Open the call's session again after a drop, for at most RECONNECT_SECONDS."""
     try:
         async with asyncio.timeout(RECONNECT_SECONDS):
-            return await open_session(call, delays)
+            return await connect_agent(call, delays)
     except TimeoutError:
         call.log.error("could not reach the Voice Agent API again within %g s",
                        RECONNECT_SECONDS)
@@ -1909,6 +1870,20 @@ def body_length(head: bytes) -> int | str:
     return int(length) if int(length) <= MAX_WEBHOOK_BODY else "413 Content Too Large"
 
 
+async def process_request(connection: ServerConnection, request: Request) -> Response | None:
+    """Answer the plain HTTP webhooks; let Media Stream upgrades through to media_stream()."""
+    url = urllib.parse.urlsplit(request.path)
+    if refusal := refuse(connection, request, url.path):  # Part 3: 404, 403, 503...
+        return refusal
+    if url.path in STREAMS:
+        return None  # a Media Stream: go on with the WebSocket handshake
+    query = urllib.parse.parse_qsl(url.query, keep_blank_values=True)
+    # Twilio sends its fields in a POST's body, or in the query string of a GET.
+    form = connection.form or query
+    response = WEBHOOKS[url.path](Webhook(connection, request, url.path, dict(query), dict(form)))
+    return await response if inspect.isawaitable(response) else response
+
+
 def refuse(connection: ServerConnection, request: Request, path: str) -> Response | None:
     """The answer to a request this server will not serve (404, 405, 503, 403); else None."""
     if path not in STREAMS and path not in WEBHOOKS:
@@ -1944,6 +1919,28 @@ def start_problem(start: dict) -> str:
             return f"its {key} {str(start.get(key))[:40]!r} is not {pattern.pattern[:2]} and " \
                    "32 hex digits"
     return ""
+
+
+TWILIO_AUDIO = {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}  # in `start`
+
+
+def hears_mulaw(call: Call, start: dict) -> bool:
+    """Whether the stream's audio is what the agent is told it is, 8 kHz mono mu-law; if not,
+    say so: relayed as such, it would be noise."""
+    audio = start.get("mediaFormat")
+    if isinstance(audio, dict) and all(audio.get(k) == v for k, v in TWILIO_AUDIO.items()):
+        return True
+    call.log.error("the stream's audio is %.200s, not 8 kHz mono mu-law: no agent can hear it",
+                   audio)
+    return False
+
+
+def note_malformed(call: Call, sender: str, what: str) -> None:
+    """Count a message we could not use; only the first of each call gets a log line."""
+    call.counts["malformed messages"] += 1
+    if call.counts["malformed messages"] == 1:
+        call.log.warning("ignoring a malformed message from %s (later ones are only counted): %s",
+                         sender, what)
 
 
 class Escaped(logging.Filter):
@@ -2014,6 +2011,23 @@ def metrics_text() -> str:
         lines += [f"{name} {round(value, 3)}" for name, value in samples.items()
                   if name.startswith(family)]
     return "\n".join(lines) + "\n"
+
+
+# What the summary line counts, in order, besides the audio frames each way.
+SUMMARY = ("barge-ins", "tool calls", "keypad entries", "silence nudges", "malformed messages",
+           "agent reconnects")
+
+
+def summary(call: Call) -> str:
+    """The call's last log line: how long, how it ended, and what happened in it."""
+    waits = sorted(round(wait * 1000) for wait in call.responses)
+    timed = (f"response p50 {waits[len(waits) // 2]} ms, max {waits[-1]} ms" if waits
+             else "no timed turns")
+    return (f"call ended after {time.monotonic() - call.started:.1f} s "
+            f"({ENDINGS[call.ending or 'stream_closed']}), agent session "
+            f"{call.session_id or 'none'}: audio frames {call.counts['frames in']} in, "
+            f"{call.counts['frames out']} out; {timed}; "
+            + "; ".join(f"{name} {call.counts[name]}" for name in SUMMARY))
 
 
 def metrics(hook: Webhook) -> Response:
