@@ -40,6 +40,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 import bridge
 
 TIMEOUT = 5  # seconds any one expected event may take
+CALL_SID = "CA" + "1" * 32  # the test call's Twilio CallSid, unless a test names another
 # The default agent's system prompt, as sent: its own, then each offered tool's guidance and
 # the keypad's (a custom prompt keeps them), then the call's facts, if any.
 DEFAULT_PROMPT = bridge.SYSTEM_PROMPT + """
@@ -194,7 +195,7 @@ class TwilioStream(Peer):
     """Stands in for Twilio's side of one call's Media Stream."""
 
     @classmethod
-    async def open(cls, port: int, path: str = "/stream", call_sid: str = "CA" + "1" * 32,
+    async def open(cls, port: int, path: str = "/stream", call_sid: str = CALL_SID,
                    headers: dict | None = None, parameters: dict | None = None):
         """Open a Media Stream as Twilio does, signed if the bridge has TWILIO_AUTH_TOKEN."""
         if bridge.TWILIO_AUTH_TOKEN and headers is None:
@@ -231,6 +232,15 @@ class TwilioStream(Peer):
     async def stop(self):
         await self.send({"event": "stop", "streamSid": self.stream_sid,
                          "stop": {"accountSid": "AC" + "0" * 32, "callSid": self.call_sid}})
+
+    async def next_mark(self) -> dict:
+        """Wait for the mark the bridge sends, the only one so far, and return it."""
+        mark, = await self.wait_for(lambda t: t.of("event", "mark"))
+        return mark
+
+    async def echo(self, mark: dict):
+        """Say, as Twilio does, that the audio before this mark has played."""
+        await self.echo_mark(mark["mark"]["name"])
 
     def events(self) -> list[str]:
         return [m["event"] for m in self.received]
@@ -370,6 +380,11 @@ def http_request(port, method, path, form=None, headers=None, body=None):
 
 
 # --------------------------------------------------------------------------- the tests
+# In the order of bridge.py: its three parts, and Part 2's chapters.
+
+
+# =================================================== Part 1: a call, end to end
+# The webhook's TwiML, the stream and its agent session, audio both ways, tools, hang-ups.
 
 
 class Messages(unittest.TestCase):
@@ -431,7 +446,7 @@ class BridgeTest(unittest.IsolatedAsyncioTestCase):
     async def http(self, method, path, **kwargs):
         return await asyncio.to_thread(http_request, self.port, method, path, **kwargs)
 
-    async def start_call(self, path="/stream", call_sid="CA" + "1" * 32, tag="greeting",
+    async def start_call(self, path="/stream", call_sid=CALL_SID, tag="greeting",
                          parameters=None):
         """Connect a call, make the agent ready, and wait until its greeting has played."""
         twilio = await TwilioStream.open(self.port, path, call_sid, parameters=parameters)
@@ -487,6 +502,7 @@ class BridgeTest(unittest.IsolatedAsyncioTestCase):
 
 
 class Webhooks(BridgeTest):
+    """Twilio's call webhook gets TwiML that connects the call to a Media Stream."""
 
     async def test_form_post_gets_twiml_for_the_host_twilio_called(self):
         """A form-encoded POST to /twiml gets TwiML streaming to wss://<Host>/stream."""
@@ -533,17 +549,6 @@ class Webhooks(BridgeTest):
         _, _, body = await self.http("GET", "/twiml", headers={"Host": 'x"/><Dial>+1900</Dial>'})
         self.assertNotIn("<Dial>", body)
 
-    async def test_call_status_is_logged(self):
-        """POST /call-status answers 200 and logs the call's status and duration."""
-        status, _, _ = await self.http("POST", "/call-status", form={
-            "CallSid": "CA" + "4" * 32, "CallStatus": "completed", "CallDuration": "42"})
-        self.assertEqual(status, 200)
-        await self.log.wait_for(r"\[CA4{32}\] call completed after 42 s")
-
-    async def test_health(self):
-        """GET /health answers 200."""
-        self.assertEqual((await self.http("GET", "/health"))[0], 200)
-
     async def test_unknown_path_is_404_and_wrong_method_405(self):
         """Unknown paths get 404, webhooks asked with other methods 405."""
         self.assertEqual((await self.http("GET", "/nope"))[0], 404)
@@ -556,157 +561,18 @@ class Webhooks(BridgeTest):
             await connect(f"ws://127.0.0.1:{self.port}/other")
         self.assertEqual(refused.exception.response.status_code, 404)
 
-    async def test_form_body_arriving_in_pieces_is_read_whole(self):
-        """A POST whose body trails its head (or comes byte by byte) still gets its TwiML."""
-        body = b"CallSid=CA" + b"b" * 32 + b"&From=%2B15550001111&Direction=inbound"
-        head = (b"POST /twiml HTTP/1.1\r\nHost: abc.ngrok.app\r\nContent-Type: "
-                b"application/x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n" % len(body))
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        for piece in [head, *(body[i:i + 1] for i in range(len(body)))]:
-            writer.write(piece)
-            await writer.drain()
-        response = await asyncio.wait_for(reader.read(), TIMEOUT)
-        writer.close()
-        self.assertTrue(response.startswith(b"HTTP/1.1 200 OK\r\n"))
-        self.assertIn(b'<Stream url="wss://abc.ngrok.app/stream"><Parameter name="From" '
-                      b'value="+15550001111"/>', response)
-        await self.log.wait_for(r"\[CAb{32}\] inbound call from \+15550001111")
-
-    async def test_chunked_body_is_refused_with_411(self):
-        """Twilio sends a Content-Length; a chunked body gets 411 instead of a silent close."""
-        status, _, _ = await self.http("POST", "/twiml", body=iter([b"CallSid=CA1"]),
-                                       headers={"Transfer-Encoding": "chunked"})
-        self.assertEqual(status, 411)
-
-    async def test_oversized_body_is_refused(self):
-        """A body over the limit gets 413 before it is read."""
-        too_big = "x" * (bridge.MAX_WEBHOOK_BODY + 1)
-        status, _, _ = await self.http("POST", "/twiml", body=too_big, headers={
-            "Content-Type": "application/x-www-form-urlencoded"})
-        self.assertEqual(status, 413)
-
-
-class Signatures(BridgeTest):
-    """With TWILIO_AUTH_TOKEN set, only requests Twilio signed get through."""
-
-    TOKEN = "twilio-auth-token"
-
-    async def asyncSetUp(self):
-        await super().asyncSetUp()
-        self.settings(TWILIO_AUTH_TOKEN=self.TOKEN)
-
-    def test_twilios_published_test_vectors(self):
-        """The signature matches the values Twilio publishes for its own SDKs."""
-        self.settings(TWILIO_AUTH_TOKEN="12345")
-        url = "https://mycompany.com/myapp.php?foo=1&bar=2"
-        form = [("CallSid", "CA1234567890ABCDE"), ("Digits", "1234"), ("From", "+14158675309"),
-                ("To", "+18005551212"), ("Caller", "+14158675309")]
-        self.assertEqual(bridge.twilio_signature(url, form), "RSOYDt4T1cUTdK1PDd93/VVr8B8=")
-        self.assertEqual(bridge.twilio_signature(url.replace(".com/", ".com:443/"), form),
-                         "kvajT1Ptam85bY51eRf/AJRuM3w=")
-        self.assertEqual(bridge.twilio_signature(
-            "http://mycompany.com:80/myapp.php?foo=1&bar=2", form), "0ZXoZLH/DfblKGATFgpif+LLRf4=")
-        self.assertEqual(bridge.twilio_signature(
-            "http://mycompany.com:1234/myapp.php?foo=1&bar=2", form),
-            "Zmvh+3yNM1Phv2jhDCwEM3q5ebU=")
-        repeated = [("Sid", "CA123"), ("SidAccount", "AC123"), ("Digits", "5678"),
-                    ("Digits", "1234"), ("Digits", "1234")]
-        self.assertEqual(bridge.twilio_signature(url, repeated), "IK+Dwps556ElfBT0I3Rgjkr1wJU=")
-        self.assertEqual(bridge.twilio_signature(
-            "https://example.com/myapp.php?foo=1&bar=2",
-            [("Digits", "1234"), ("To", "+18005551212"), ("From", "+14158675310"),
-             ("Caller", "+14158675310"), ("CallSid", "CA1234567890ABCDE")]),
-            "L/OH5YylLD5NRKLltdqwSvS0BnU=")
-
-    async def post(self, path: str, form: dict, signed_url: str | None, signed_form=None):
-        headers = {"Host": "abc.ngrok.app"}
-        if signed_url is not None:
-            headers["X-Twilio-Signature"] = signature(self.TOKEN, signed_url,
-                                                      form if signed_form is None else signed_form)
-        return (await self.http("POST", path, form=form, headers=headers))[0]
-
-    async def test_every_webhook_needs_twilios_signature(self):
-        """Signed: 200. Changed field, other URL, no header: 403, and a log line says why."""
-        form = {"CallSid": "CA" + "a" * 32, "From": "+15550001111", "CallStatus": "ringing",
-                "ForwardedFrom": ""}  # an empty field is signed too
-        for path in ("/twiml", "/outbound-twiml", "/call-status", "/amd", "/transfer-done",
-                     "/whisper", "/recording-status"):
-            with self.subTest(path=path):
-                url = "https://abc.ngrok.app" + path
-                self.assertEqual(await self.post(path, form, url), 200)
-                self.assertEqual(await self.post(path, form, url.replace(".app/", ".app:443/")),
-                                 200)
-                tampered = {**form, "From": "+19005550000"}
-                self.assertEqual(await self.post(path, tampered, url, signed_form=form), 403)
-                self.assertEqual(await self.post(path, form, "https://other.example" + path),
-                                 403)
-                self.assertEqual(await self.post(path, form, None), 403)
-                await self.log.wait_for(f"refusing POST {path}: no valid X-Twilio-Signature")
-
-    async def test_get_webhooks_sign_their_query_string(self):
-        """A GET webhook is signed over its URL with the query string; changing it is refused."""
-        path = "/twiml?CallSid=CA1&From=%2B15550001111"
-        url = "https://abc.ngrok.app" + path
-        good = {"Host": "abc.ngrok.app", "X-Twilio-Signature": signature(self.TOKEN, url)}
-        self.assertEqual((await self.http("GET", path, headers=good))[0], 200)
-        self.assertEqual((await self.http("GET", path + "0", headers=good))[0], 403)
-
-    async def test_public_url_is_the_url_signed(self):
-        """With PUBLIC_URL set, Twilio's signature is checked against it, not the Host header."""
-        self.settings(PUBLIC_URL="https://bridge.example.com")
-        form = {"CallSid": "CA1"}
-        headers = {"Host": "internal:8080", "X-Twilio-Signature": signature(
-            self.TOKEN, "https://bridge.example.com/twiml", form)}
-        self.assertEqual((await self.http("POST", "/twiml", form=form, headers=headers))[0], 200)
-        headers["X-Twilio-Signature"] = signature(self.TOKEN, "https://internal:8080/twiml", form)
-        self.assertEqual((await self.http("POST", "/twiml", form=form, headers=headers))[0], 403)
-
-    async def test_media_stream_needs_a_signature_before_any_agent_session(self):
-        """Unsigned or wrongly signed streams get 403 and open no agent session."""
-        url = f"wss://127.0.0.1:{self.port}/stream"
-        for headers in ({}, {"X-Twilio-Signature": "bm90IGEgc2lnbmF0dXJl"},
-                        {"X-Twilio-Signature": signature(self.TOKEN, "https" + url[3:])}):
-            with self.subTest(headers=headers):
-                with self.assertRaises(InvalidStatus) as refused:
-                    await TwilioStream.open(self.port, headers=headers)
-                self.assertEqual(refused.exception.response.status_code, 403)
-        self.assertEqual(self.agent.headers, [])
-        await self.log.wait_for("refusing GET /stream: no valid X-Twilio-Signature")
-
-    async def test_signed_media_streams_are_let_in(self):
-        """A stream signed over its wss URL, with a trailing slash or :443 or not, is let in."""
-        self.settings(PUBLIC_URL="https://abc.ngrok.app")
-        for signed in ("abc.ngrok.app/stream", "abc.ngrok.app/stream/",
-                       "abc.ngrok.app:443/stream"):
-            with self.subTest(signed=signed):
-                headers = {"X-Twilio-Signature": signature(self.TOKEN, "wss://" + signed)}
-                twilio = await TwilioStream.open(self.port, headers=headers)
-                agent = await self.agent.next_session()
-                await twilio.stop()
-                await agent.closed()
-
-    async def test_hostile_host_header_gets_403_not_a_server_error(self):
-        """A Host header no real request has gets 403, not a server error."""
-        for host in ("abc.ngrok.app:notaport", "[::1", ""):
-            with self.subTest(host=host):
-                status, _, _ = await self.http("POST", "/twiml", form={"CallSid": "CA1"},
-                                               headers={"Host": host,
-                                                        "X-Twilio-Signature": "x"})
-                self.assertEqual(status, 403)
-
-    async def test_health_needs_no_signature(self):
-        """A load balancer's health check is not signed, and still gets 200."""
-        self.assertEqual((await self.http("GET", "/health"))[0], 200)
-
-    async def test_without_a_token_the_start_up_log_says_requests_are_not_checked(self):
-        """No TWILIO_AUTH_TOKEN: one start-up line says requests are unchecked, and the fix."""
-        self.settings(TWILIO_AUTH_TOKEN="")
-        bridge.log_what_is_off()
-        await self.log.wait_for("TWILIO_AUTH_TOKEN is not set: requests are not checked for "
-                                "Twilio's signature, .* set TWILIO_AUTH_TOKEN to turn the check on")
+    async def test_unknown_paths_are_logged_once_a_minute_each(self):
+        """A 404 gets a log line naming the paths served, once per path per minute."""
+        for path in ("/twilml", "/twilml", "/voice"):
+            self.assertEqual((await self.http("POST", path, form={}))[0], 404)
+        lines = [line for line in self.log.lines if line.startswith("404 for")]
+        self.assertEqual(len(lines), 2)
+        self.assertRegex(lines[0], r"^404 for POST /twilml: this server answers /twiml, ")
+        self.assertRegex(lines[1], r"^404 for POST /voice: ")
 
 
 class Calls(BridgeTest):
+    """The stream opens an agent session; audio flows both ways, untouched, with barge-in."""
 
     async def test_session_update_is_sent_at_once(self):
         """On Twilio's start, the agent gets exactly this session.update, before anything else."""
@@ -818,6 +684,346 @@ class Calls(BridgeTest):
                                 r"\(check AGENT_VOICE")
         await agent.send({"type": "session.error", "code": "invalid_value", "message": "min"})
         await self.log.wait_for(r"^\[CA5{32}\] agent error invalid_value: min$")
+
+    async def test_two_simultaneous_calls_never_cross(self):
+        """Two calls at once: each side hears only its own call's audio, in order."""
+        calls = [await self.start_call(call_sid=f"CA{n:032x}", tag=f"hello{n}")
+                 for n in (7, 8)]
+        for n in range(30):
+            for i, (twilio, agent) in enumerate(calls):
+                await twilio.media(audio(f"caller{i}", n))
+                await agent.send({"type": "reply.audio", "reply_id": "r",
+                                  "data": audio(f"agent{i}", n, 300)})
+        for i, (twilio, agent) in enumerate(calls):
+            await agent.wait_for(lambda a: len(a.audio_in()) == 30)
+            await twilio.wait_for(lambda t: len(t.played()) == 31)
+            self.assertEqual(agent.audio_in(), [audio(f"caller{i}", n) for n in range(30)])
+            self.assertEqual(twilio.played()[1:], [audio(f"agent{i}", n, 300) for n in range(30)])
+
+    async def test_twenty_calls_at_once_each_get_all_and_only_their_own_audio(self):
+        """20 calls, one sending garbage, one losing its agent: every other frame arrives, in
+        order, on its own call only; the garbled call goes on and the lost agent comes back."""
+        self.settings(RETRY_DELAYS=(0, 0.01))
+        calls = [await self.start_call(call_sid=f"CA{n:032d}", tag=f"hello{n}")
+                 for n in range(20)]
+        noisy, lossy = 3, 7
+        for n in range(25):
+            if n == 10:
+                calls[lossy][1].ws.transport.abort()
+            for i, (twilio, agent) in enumerate(calls):
+                if i == noisy:
+                    await twilio.ws.send(b"\x00\xff binary")
+                    await twilio.ws.send('{"event": "media", "media": "not an object"}')
+                await twilio.media(audio(f"caller{i}", n))
+                if i != lossy or n < 10:
+                    await agent.send({"type": "reply.audio", "reply_id": "r",
+                                      "data": audio(f"agent{i}", n, 300)})
+        for i, (twilio, agent) in enumerate(calls):
+            if i == lossy:
+                continue
+            await agent.wait_for(lambda a: len(a.audio_in()) == 25)
+            await twilio.wait_for(lambda t: len(t.played()) == 26)
+            self.assertEqual(agent.audio_in(), [audio(f"caller{i}", n) for n in range(25)])
+            self.assertEqual(twilio.played()[1:], [audio(f"agent{i}", n, 300) for n in range(25)])
+        again = await self.agent.next_session()
+        await again.wait_for(lambda a: a.of("type", "session.resume"))
+        await again.send({"type": "session.ready", "session_id": f"sess_CA{lossy:032d}"})
+        await self.round_trip(calls[lossy][0], again)
+
+
+class Tools(BridgeTest):
+    """Tool calls run alongside the audio; each result waits for its turn."""
+
+    async def test_tool_result_waits_for_reply_done(self):
+        """A finished tool's result is held while the agent speaks, and sent on reply.done."""
+        returned = asyncio.Event()
+
+        async def weather(city):
+            returned.set()
+            return {"city": city, "temp_c": 21}
+
+        self.tool("weather", weather)
+        twilio, agent = await self.start_call()
+        await agent.send({"type": "reply.started", "reply_id": "reply_1"})
+        await agent.send({"type": "tool.call", "call_id": "call_1", "name": "weather",
+                          "arguments": {"city": "Paris"}})
+        await asyncio.wait_for(returned.wait(), TIMEOUT)
+        await self.round_trip(twilio, agent)
+        self.assertEqual(agent.of("type", "tool.result"), [])
+        await agent.send({"type": "reply.done", "reply_id": "reply_1", "status": "completed"})
+        results = await agent.wait_for(lambda a: a.of("type", "tool.result"))
+        self.assertEqual(results, [{"type": "tool.result", "call_id": "call_1", "is_error": False,
+                                    "result": '{"city": "Paris", "temp_c": 21}'}])
+
+    async def test_random_number_tool_answers_after_reply_done(self):
+        """The shipped tool runs, and a result finishing after reply.done is sent at once."""
+        twilio, agent = await self.start_call()
+        await agent.send({"type": "reply.started", "reply_id": "reply_1"})
+        await agent.send({"type": "tool.call", "call_id": "call_7", "name":
+                          "generate_random_number", "arguments": {"min": 7, "max": 7}})
+        await agent.send({"type": "reply.done", "reply_id": "reply_1", "status": "completed"})
+        results = await agent.wait_for(lambda a: a.of("type", "tool.result"))
+        self.assertEqual(results, [{"type": "tool.result", "call_id": "call_7", "result": "7",
+                                    "is_error": False}])
+
+    async def test_result_of_an_interrupted_reply_is_discarded(self):
+        """If the reply that called a tool is interrupted, its result is never sent."""
+        release = asyncio.Event()
+
+        async def slow():
+            await release.wait()
+            return "late"
+
+        async def quick():
+            return "early"
+
+        self.tool("slow", slow)
+        self.tool("quick", quick)
+        twilio, agent = await self.start_call()
+        await agent.send({"type": "reply.started", "reply_id": "reply_1"})
+        await agent.send({"type": "tool.call", "call_id": "c1", "name": "quick", "arguments": {}})
+        await agent.send({"type": "tool.call", "call_id": "c2", "name": "slow", "arguments": {}})
+        await self.log.wait_for(r"tool quick\(\{\}\) -> early")
+        await agent.send({"type": "reply.done", "reply_id": "reply_1", "status": "interrupted"})
+        await self.log.wait_for("discarding 1 tool results")
+        release.set()
+        await self.log.wait_for("discarding the result of slow")
+        await self.round_trip(twilio, agent)
+        self.assertEqual(agent.of("type", "tool.result"), [])
+
+    async def test_failing_and_unknown_tools_are_answered_with_is_error(self):
+        """A tool that raises, or one that does not exist, gets a tool.result with is_error."""
+        def broken(**_):
+            raise ValueError("the database is down")
+
+        self.tool("broken", broken)
+        twilio, agent = await self.start_call()
+        await agent.send({"type": "reply.started", "reply_id": "reply_1"})
+        await agent.send({"type": "tool.call", "call_id": "c1", "name": "broken", "arguments": {}})
+        await agent.send({"type": "tool.call", "call_id": "c2", "name": "nope", "arguments": {}})
+        await agent.send({"type": "reply.done", "reply_id": "reply_1"})
+        results = await agent.wait_for(lambda a: len(a.of("type", "tool.result")) == 2
+                                       and a.of("type", "tool.result"))
+        by_id = {r["call_id"]: r for r in results}
+        self.assertEqual(by_id["c1"], {"type": "tool.result", "call_id": "c1", "is_error": True,
+                                       "result": '{"error": "ValueError: the database is down"}'})
+        self.assertTrue(by_id["c2"]["is_error"])
+        self.assertIn("no tool named 'nope'", json.loads(by_id["c2"]["result"])["error"])
+
+    async def test_a_tool_that_never_answers_gets_an_error_result_in_bounded_time(self):
+        """A tool still running after TOOL_TIMEOUT is answered with an error result."""
+        async def hangs():
+            await asyncio.Event().wait()
+        self.settings(TOOL_TIMEOUT=0.2)
+        self.tool("hangs", hangs)
+        twilio, agent = await self.start_call()
+        result = await self.agree_to(agent, "hangs")
+        self.assertTrue(result["is_error"])
+        self.assertEqual(json.loads(result["result"]),
+                         {"error": "TimeoutError: no answer within 0.2 s"})
+
+    async def test_slow_tool_does_not_stall_audio(self):
+        """While a plain (blocking) tool runs, audio still flows both ways."""
+        release = threading.Event()
+        self.addCleanup(release.set)
+        self.tool("lookup", lambda: release.wait(TIMEOUT) and "found")
+        twilio, agent = await self.start_call()
+        await agent.send({"type": "reply.started", "reply_id": "reply_1"})
+        await agent.send({"type": "tool.call", "call_id": "c1", "name": "lookup", "arguments": {}})
+        await agent.send({"type": "reply.done", "reply_id": "reply_1"})
+        await self.round_trip(twilio, agent)
+        filler = audio("filler", 0, 300)
+        await agent.send({"type": "reply.audio", "reply_id": "reply_2", "data": filler})
+        await twilio.wait_for(lambda t: filler in t.played())
+        self.assertEqual(agent.of("type", "tool.result"), [])
+        release.set()
+        result = await agent.wait_for(lambda a: a.of("type", "tool.result"))
+        self.assertEqual(result[0]["result"], '"found"')
+
+    async def test_reply_error_ends_the_reply_and_sends_the_waiting_tool_result(self):
+        """A reply.error is logged, and the tool result waiting for the reply's end is sent."""
+        twilio, agent = await self.start_call()
+        await agent.send({"type": "reply.started", "reply_id": "reply_tool"})
+        await agent.send({"type": "tool.call", "call_id": "call_1", "name": "look_up_caller",
+                          "arguments": {}})
+        await agent.send({"type": "reply.error", "reply_id": "reply_tool", "code": "tts_failed",
+                          "message": "speech failed", "retryable": True})
+        result = await agent.wait_for(lambda a: a.of("type", "tool.result"))
+        self.assertEqual(result[0]["call_id"], "call_1")
+        await self.log.wait_for("agent reply failed: tts_failed speech failed")
+
+
+class HangUps(BridgeTest):
+    """Either side can end the call; the agent hangs up once its goodbye has been heard."""
+
+    async def test_caller_hanging_up_ends_the_agent_session(self):
+        """On Twilio's stop, the agent gets session.end, its socket closes, nothing lingers."""
+        async def forever():
+            await asyncio.Event().wait()
+
+        self.tool("forever", forever)
+        twilio, agent = await self.start_call(call_sid="CA" + "6" * 32)
+        await agent.send({"type": "tool.call", "call_id": "c1", "name": "forever",
+                          "arguments": {}})
+        await agent.send({"type": "reply.audio", "reply_id": "r", "data": audio("after", 0)})
+        await twilio.wait_for(lambda t: len(t.played()) == 2)  # so the tool call is running
+        await twilio.stop()
+        await agent.wait_for(lambda a: a.of("type", "session.end"))
+        self.assertEqual(await agent.closed(), 1000)
+        await self.log.wait_for(r"^\[CA6{32}\] Twilio stopped the stream")
+        await self.log.wait_for(r"^\[CA6{32}\] call ended after [\d.]+ s \(Twilio stopped the "
+                                r"stream\), agent session sess_CA6{32}: audio frames 0 in, "
+                                r"2 out; no timed turns; barge-ins 0; tool calls 1; "
+                                r"keypad entries 0; silence "
+                                r"nudges 0; malformed messages 0; agent reconnects 0$")
+        self.assertEqual(await twilio.closed(), 1000)
+        leftovers = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ in
+                     ("run_tool", "relay", "media_stream")]
+        self.assertEqual(leftovers, [])
+
+    async def test_call_longer_than_max_call_seconds_is_hung_up(self):
+        """After MAX_CALL_SECONDS the agent session is ended and the stream closed."""
+        self.settings(MAX_CALL_SECONDS=1)
+        twilio, agent = await self.start_call()
+        await agent.wait_for(lambda a: a.of("type", "session.end"))
+        self.assertEqual(await twilio.closed(), 1000)
+        await self.log.wait_for(r"the call reached MAX_CALL_SECONDS \(1 s\): hanging up")
+
+    async def test_twilio_socket_dropping_ends_the_agent_session(self):
+        """If Twilio's socket closes without a stop, the agent session is still ended."""
+        twilio, agent = await self.start_call()
+        await twilio.ws.close()
+        await agent.wait_for(lambda a: a.of("type", "session.end"))
+        self.assertEqual(await agent.closed(), 1000)
+
+    async def test_agent_ending_closes_the_twilio_stream(self):
+        """When the agent's session ends, the bridge closes Twilio's stream (the TwiML hangs up)."""
+        twilio, agent = await self.start_call()
+        await agent.send({"type": "session.ended", "session_duration_seconds": 3.0})
+        await agent.ws.close()
+        self.assertEqual(await twilio.closed(), 1000)
+        await self.log.wait_for("call ended after")
+        self.assertEqual(agent.of("type", "session.end"), [])
+
+    async def test_goodbye_plays_to_the_end_before_the_call_ends(self):
+        """end_call is answered; the call ends only when Twilio echoes the mark after goodbye."""
+        twilio, agent = await self.start_call(call_sid="CA" + "c" * 32)
+        result = await self.agree_to(agent, "end_call")
+        self.assertEqual((result["call_id"], result["is_error"]), ("call_end_call", False))
+        goodbye = [audio("bye", n, 300) for n in range(3)]
+        await agent.speak("reply_bye", goodbye)
+        mark = await twilio.next_mark()
+        self.assertEqual(twilio.received[-4:], [*twilio.of("event", "media")[-3:], mark])
+        self.assertEqual(twilio.played()[-3:], goodbye)
+        self.assertEqual(mark["streamSid"], twilio.stream_sid)
+        await self.round_trip(twilio, agent)  # not played yet: the call goes on meanwhile
+        self.assertEqual(agent.of("type", "session.end"), [])
+        await twilio.echo(mark)
+        await agent.wait_for(lambda a: a.of("type", "session.end"))
+        self.assertEqual(await twilio.closed(), 1000)
+        await self.log.wait_for(r"^\[CAc{32}\] the agent hung up$")
+
+    async def test_goodbye_interrupted_keeps_the_call_going(self):
+        """If the caller interrupts the goodbye, there is no hang-up: the conversation goes on."""
+        twilio, agent = await self.start_call()
+        await self.agree_to(agent, "end_call")
+        await agent.speak("reply_bye", [audio("bye", 0, 300)], status="interrupted")
+        await self.log.wait_for("the caller spoke over the agent's last words: the call goes on")
+        answer = audio("answer", 0, 300)
+        await agent.speak("reply_next", [answer])
+        await twilio.wait_for(lambda t: answer in t.played())
+        await self.round_trip(twilio, agent)
+        self.assertEqual((twilio.of("event", "mark"), agent.of("type", "session.end")), ([], []))
+
+    async def test_mark_echoed_after_a_clear_was_not_heard(self):
+        """A mark Twilio returns because of a clear means the goodbye was cut: no hang-up."""
+        twilio, agent = await self.start_call()
+        await self.agree_to(agent, "end_call")
+        await agent.speak("reply_bye", [audio("bye", 0, 300)])
+        mark = await twilio.next_mark()
+        await agent.send({"type": "input.speech.started"})
+        await twilio.wait_for(lambda t: t.events()[-1] == "clear")
+        await twilio.echo(mark)  # as Twilio does for a cleared mark
+        await self.log.wait_for("the caller spoke over the agent's last words")
+        await self.round_trip(twilio, agent)
+        self.assertEqual(agent.of("type", "session.end"), [])
+
+    async def test_no_goodbye_ends_the_call_once_sent_audio_has_played(self):
+        """If no reply follows end_call's result, the mark follows the audio already sent."""
+        self.settings(REPLY_WAIT=0.2)
+        twilio, agent = await self.start_call()
+        filler = audio("filler", 0, 300)
+        await agent.send({"type": "reply.started", "reply_id": "reply_tool"})
+        await agent.send({"type": "reply.audio", "reply_id": "reply_tool", "data": filler})
+        await agent.send({"type": "tool.call", "call_id": "c1", "name": "end_call",
+                          "arguments": {}})
+        await agent.send({"type": "reply.done", "reply_id": "reply_tool"})
+        mark = await twilio.next_mark()
+        self.assertEqual(twilio.received[-2:], [twilio.of("event", "media")[-1], mark])
+        self.assertEqual(twilio.played()[-1], filler)
+        await twilio.echo(mark)
+        await agent.wait_for(lambda a: a.of("type", "session.end"))
+        self.assertEqual(await twilio.closed(), 1000)
+
+    async def test_mark_that_never_returns_hangs_up_after_a_timeout(self):
+        """If Twilio never echoes the mark, the call still ends after MARK_TIMEOUT."""
+        self.settings(MARK_TIMEOUT=0.3)
+        twilio, agent = await self.start_call()
+        await self.agree_to(agent, "end_call")
+        await agent.speak("reply_bye", [audio("bye", 0, 300)])
+        await twilio.wait_for(lambda t: t.of("event", "mark"))
+        await agent.wait_for(lambda a: a.of("type", "session.end"))
+        self.assertEqual(await twilio.closed(), 1000)
+        await self.log.wait_for("Twilio did not confirm the last words played within 0.3 s")
+
+    async def goodbye(self, twilio: TwilioStream, agent: AgentSession):
+        """The agent agrees to hang up, and starts saying goodbye: one frame of it."""
+        await self.agree_to(agent, "end_call")
+        await agent.send({"type": "reply.started", "reply_id": "reply_bye"})
+        bye = audio("bye", 0, 300)
+        await agent.send({"type": "reply.audio", "reply_id": "reply_bye", "data": bye})
+        await twilio.wait_for(lambda t: bye in t.played())
+
+    async def hangs_up_after_the_mark(self, twilio: TwilioStream, agent: AgentSession):
+        mark = await twilio.wait_for(lambda t: [m for m in t.of("event", "mark")
+                                                if m["mark"]["name"].startswith("last-words")])
+        await twilio.echo_mark(mark[0]["mark"]["name"])
+        self.assertEqual(await twilio.closed(), 1000)
+        await self.log.wait_for(r"call ended after [\d.]+ s \(the agent hung up\)")
+
+    async def test_a_goodbye_ending_in_reply_error_still_hangs_up(self):
+        """A goodbye that ends in reply.error instead of reply.done is over: the call ends."""
+        twilio, agent = await self.start_call()
+        await self.goodbye(twilio, agent)
+        await agent.send({"type": "reply.error", "reply_id": "reply_bye", "code": "x",
+                          "message": "y"})
+        await self.hangs_up_after_the_mark(twilio, agent)
+
+    async def test_a_goodbye_cut_off_with_the_agent_socket_still_hangs_up(self):
+        """The agent socket drops mid-goodbye: once the session is back, the call ends."""
+        twilio, agent = await self.start_call()
+        await self.goodbye(twilio, agent)
+        await agent.ws.close()
+        again = await self.agent.next_session()
+        await again.wait_for(lambda a: a.of("type", "session.resume"))
+        await again.send({"type": "session.ready", "session_id": "sess_CA" + "1" * 32})
+        await self.hangs_up_after_the_mark(twilio, again)
+
+    async def test_a_goodbye_that_never_finishes_hangs_up_after_a_bound(self):
+        """No reply.done for the last words: after LAST_WORDS_TIMEOUT the bridge acts."""
+        self.settings(LAST_WORDS_TIMEOUT=0.3)
+        twilio, agent = await self.start_call()
+        await self.goodbye(twilio, agent)
+        await self.hangs_up_after_the_mark(twilio, agent)
+
+
+# ==================================================== Part 2: the phone network
+# One class a chapter, in bridge.py's order.
+
+
+APOLOGY_TWIML = ('<?xml version="1.0" encoding="UTF-8"?>\n<Response><Say>Sorry, our assistant '
+                 "is not available right now. Please call again later. Goodbye.</Say><Hangup/>"
+                 "</Response>")
 
 
 class CallFacts(BridgeTest):
@@ -1027,331 +1233,6 @@ class Agents(BridgeTest):
                 self.assertEqual((process.returncode, err.decode()), (1, line + "\n"))
 
 
-class Tools(BridgeTest):
-
-    async def test_tool_result_waits_for_reply_done(self):
-        """A finished tool's result is held while the agent speaks, and sent on reply.done."""
-        returned = asyncio.Event()
-
-        async def weather(city):
-            returned.set()
-            return {"city": city, "temp_c": 21}
-
-        self.tool("weather", weather)
-        twilio, agent = await self.start_call()
-        await agent.send({"type": "reply.started", "reply_id": "reply_1"})
-        await agent.send({"type": "tool.call", "call_id": "call_1", "name": "weather",
-                          "arguments": {"city": "Paris"}})
-        await asyncio.wait_for(returned.wait(), TIMEOUT)
-        await self.round_trip(twilio, agent)
-        self.assertEqual(agent.of("type", "tool.result"), [])
-        await agent.send({"type": "reply.done", "reply_id": "reply_1", "status": "completed"})
-        results = await agent.wait_for(lambda a: a.of("type", "tool.result"))
-        self.assertEqual(results, [{"type": "tool.result", "call_id": "call_1", "is_error": False,
-                                    "result": '{"city": "Paris", "temp_c": 21}'}])
-
-    async def test_random_number_tool_answers_after_reply_done(self):
-        """The shipped tool runs, and a result finishing after reply.done is sent at once."""
-        twilio, agent = await self.start_call()
-        await agent.send({"type": "reply.started", "reply_id": "reply_1"})
-        await agent.send({"type": "tool.call", "call_id": "call_7", "name":
-                          "generate_random_number", "arguments": {"min": 7, "max": 7}})
-        await agent.send({"type": "reply.done", "reply_id": "reply_1", "status": "completed"})
-        results = await agent.wait_for(lambda a: a.of("type", "tool.result"))
-        self.assertEqual(results, [{"type": "tool.result", "call_id": "call_7", "result": "7",
-                                    "is_error": False}])
-
-    async def test_result_of_an_interrupted_reply_is_discarded(self):
-        """If the reply that called a tool is interrupted, its result is never sent."""
-        release = asyncio.Event()
-
-        async def slow():
-            await release.wait()
-            return "late"
-
-        async def quick():
-            return "early"
-
-        self.tool("slow", slow)
-        self.tool("quick", quick)
-        twilio, agent = await self.start_call()
-        await agent.send({"type": "reply.started", "reply_id": "reply_1"})
-        await agent.send({"type": "tool.call", "call_id": "c1", "name": "quick", "arguments": {}})
-        await agent.send({"type": "tool.call", "call_id": "c2", "name": "slow", "arguments": {}})
-        await self.log.wait_for(r"tool quick\(\{\}\) -> early")
-        await agent.send({"type": "reply.done", "reply_id": "reply_1", "status": "interrupted"})
-        await self.log.wait_for("discarding 1 tool results")
-        release.set()
-        await self.log.wait_for("discarding the result of slow")
-        await self.round_trip(twilio, agent)
-        self.assertEqual(agent.of("type", "tool.result"), [])
-
-    async def test_failing_and_unknown_tools_are_answered_with_is_error(self):
-        """A tool that raises, or one that does not exist, gets a tool.result with is_error."""
-        def broken(**_):
-            raise ValueError("the database is down")
-
-        self.tool("broken", broken)
-        twilio, agent = await self.start_call()
-        await agent.send({"type": "reply.started", "reply_id": "reply_1"})
-        await agent.send({"type": "tool.call", "call_id": "c1", "name": "broken", "arguments": {}})
-        await agent.send({"type": "tool.call", "call_id": "c2", "name": "nope", "arguments": {}})
-        await agent.send({"type": "reply.done", "reply_id": "reply_1"})
-        results = await agent.wait_for(lambda a: len(a.of("type", "tool.result")) == 2
-                                       and a.of("type", "tool.result"))
-        by_id = {r["call_id"]: r for r in results}
-        self.assertEqual(by_id["c1"], {"type": "tool.result", "call_id": "c1", "is_error": True,
-                                       "result": '{"error": "ValueError: the database is down"}'})
-        self.assertTrue(by_id["c2"]["is_error"])
-        self.assertIn("no tool named 'nope'", json.loads(by_id["c2"]["result"])["error"])
-
-    async def test_a_tool_that_never_answers_gets_an_error_result_in_bounded_time(self):
-        """A tool still running after TOOL_TIMEOUT is answered with an error result."""
-        async def hangs():
-            await asyncio.Event().wait()
-        self.settings(TOOL_TIMEOUT=0.2)
-        self.tool("hangs", hangs)
-        twilio, agent = await self.start_call()
-        result = await self.agree_to(agent, "hangs")
-        self.assertTrue(result["is_error"])
-        self.assertEqual(json.loads(result["result"]),
-                         {"error": "TimeoutError: no answer within 0.2 s"})
-
-    async def test_slow_tool_does_not_stall_audio(self):
-        """While a plain (blocking) tool runs, audio still flows both ways."""
-        release = threading.Event()
-        self.addCleanup(release.set)
-        self.tool("lookup", lambda: release.wait(TIMEOUT) and "found")
-        twilio, agent = await self.start_call()
-        await agent.send({"type": "reply.started", "reply_id": "reply_1"})
-        await agent.send({"type": "tool.call", "call_id": "c1", "name": "lookup", "arguments": {}})
-        await agent.send({"type": "reply.done", "reply_id": "reply_1"})
-        await self.round_trip(twilio, agent)
-        filler = audio("filler", 0, 300)
-        await agent.send({"type": "reply.audio", "reply_id": "reply_2", "data": filler})
-        await twilio.wait_for(lambda t: filler in t.played())
-        self.assertEqual(agent.of("type", "tool.result"), [])
-        release.set()
-        result = await agent.wait_for(lambda a: a.of("type", "tool.result"))
-        self.assertEqual(result[0]["result"], '"found"')
-
-
-class HangUps(BridgeTest):
-
-    async def test_caller_hanging_up_ends_the_agent_session(self):
-        """On Twilio's stop, the agent gets session.end, its socket closes, nothing lingers."""
-        async def forever():
-            await asyncio.Event().wait()
-
-        self.tool("forever", forever)
-        twilio, agent = await self.start_call(call_sid="CA" + "6" * 32)
-        await agent.send({"type": "tool.call", "call_id": "c1", "name": "forever",
-                          "arguments": {}})
-        await agent.send({"type": "reply.audio", "reply_id": "r", "data": audio("after", 0)})
-        await twilio.wait_for(lambda t: len(t.played()) == 2)  # so the tool call is running
-        await twilio.stop()
-        await agent.wait_for(lambda a: a.of("type", "session.end"))
-        self.assertEqual(await agent.closed(), 1000)
-        await self.log.wait_for(r"^\[CA6{32}\] Twilio stopped the stream")
-        await self.log.wait_for(r"^\[CA6{32}\] call ended after [\d.]+ s \(Twilio stopped the "
-                                r"stream\), agent session sess_CA6{32}: audio frames 0 in, "
-                                r"2 out; no timed turns; barge-ins 0; tool calls 1; "
-                                r"keypad entries 0; silence "
-                                r"nudges 0; malformed messages 0; agent reconnects 0$")
-        self.assertEqual(await twilio.closed(), 1000)
-        leftovers = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ in
-                     ("run_tool", "relay", "media_stream")]
-        self.assertEqual(leftovers, [])
-
-    async def test_call_longer_than_max_call_seconds_is_hung_up(self):
-        """After MAX_CALL_SECONDS the agent session is ended and the stream closed."""
-        self.settings(MAX_CALL_SECONDS=1)
-        twilio, agent = await self.start_call()
-        await agent.wait_for(lambda a: a.of("type", "session.end"))
-        self.assertEqual(await twilio.closed(), 1000)
-        await self.log.wait_for(r"the call reached MAX_CALL_SECONDS \(1 s\): hanging up")
-
-    async def test_twilio_socket_dropping_ends_the_agent_session(self):
-        """If Twilio's socket closes without a stop, the agent session is still ended."""
-        twilio, agent = await self.start_call()
-        await twilio.ws.close()
-        await agent.wait_for(lambda a: a.of("type", "session.end"))
-        self.assertEqual(await agent.closed(), 1000)
-
-    async def test_agent_ending_closes_the_twilio_stream(self):
-        """When the agent's session ends, the bridge closes Twilio's stream (the TwiML hangs up)."""
-        twilio, agent = await self.start_call()
-        await agent.send({"type": "session.ended", "session_duration_seconds": 3.0})
-        await agent.ws.close()
-        self.assertEqual(await twilio.closed(), 1000)
-        await self.log.wait_for("call ended after")
-        self.assertEqual(agent.of("type", "session.end"), [])
-
-
-APOLOGY_TWIML = ('<?xml version="1.0" encoding="UTF-8"?>\n<Response><Say>Sorry, our assistant '
-                 "is not available right now. Please call again later. Goodbye.</Say><Hangup/>"
-                 "</Response>")
-
-
-class EndingCalls(BridgeTest):
-    """The agent hangs up, or transfers the caller, once its last words have been heard."""
-
-    async def test_goodbye_plays_to_the_end_before_the_call_ends(self):
-        """end_call is answered; the call ends only when Twilio echoes the mark after goodbye."""
-        twilio, agent = await self.start_call(call_sid="CA" + "c" * 32)
-        result = await self.agree_to(agent, "end_call")
-        self.assertEqual((result["call_id"], result["is_error"]), ("call_end_call", False))
-        goodbye = [audio("bye", n, 300) for n in range(3)]
-        await agent.speak("reply_bye", goodbye)
-        mark, = await twilio.wait_for(lambda t: t.of("event", "mark"))
-        self.assertEqual(twilio.received[-4:], [*twilio.of("event", "media")[-3:], mark])
-        self.assertEqual(twilio.played()[-3:], goodbye)
-        self.assertEqual(mark["streamSid"], twilio.stream_sid)
-        await self.round_trip(twilio, agent)  # not played yet: the call goes on meanwhile
-        self.assertEqual(agent.of("type", "session.end"), [])
-        await twilio.echo_mark(mark["mark"]["name"])
-        await agent.wait_for(lambda a: a.of("type", "session.end"))
-        self.assertEqual(await twilio.closed(), 1000)
-        await self.log.wait_for(r"^\[CAc{32}\] the agent hung up$")
-
-    async def test_goodbye_interrupted_keeps_the_call_going(self):
-        """If the caller interrupts the goodbye, there is no hang-up: the conversation goes on."""
-        twilio, agent = await self.start_call()
-        await self.agree_to(agent, "end_call")
-        await agent.speak("reply_bye", [audio("bye", 0, 300)], status="interrupted")
-        await self.log.wait_for("the caller spoke over the agent's last words: the call goes on")
-        answer = audio("answer", 0, 300)
-        await agent.speak("reply_next", [answer])
-        await twilio.wait_for(lambda t: answer in t.played())
-        await self.round_trip(twilio, agent)
-        self.assertEqual((twilio.of("event", "mark"), agent.of("type", "session.end")), ([], []))
-
-    async def test_mark_echoed_after_a_clear_was_not_heard(self):
-        """A mark Twilio returns because of a clear means the goodbye was cut: no hang-up."""
-        twilio, agent = await self.start_call()
-        await self.agree_to(agent, "end_call")
-        await agent.speak("reply_bye", [audio("bye", 0, 300)])
-        mark, = await twilio.wait_for(lambda t: t.of("event", "mark"))
-        await agent.send({"type": "input.speech.started"})
-        await twilio.wait_for(lambda t: t.events()[-1] == "clear")
-        await twilio.echo_mark(mark["mark"]["name"])  # as Twilio does for a cleared mark
-        await self.log.wait_for("the caller spoke over the agent's last words")
-        await self.round_trip(twilio, agent)
-        self.assertEqual(agent.of("type", "session.end"), [])
-
-    async def test_no_goodbye_ends_the_call_once_sent_audio_has_played(self):
-        """If no reply follows end_call's result, the mark follows the audio already sent."""
-        self.settings(REPLY_WAIT=0.2)
-        twilio, agent = await self.start_call()
-        filler = audio("filler", 0, 300)
-        await agent.send({"type": "reply.started", "reply_id": "reply_tool"})
-        await agent.send({"type": "reply.audio", "reply_id": "reply_tool", "data": filler})
-        await agent.send({"type": "tool.call", "call_id": "c1", "name": "end_call",
-                          "arguments": {}})
-        await agent.send({"type": "reply.done", "reply_id": "reply_tool"})
-        mark, = await twilio.wait_for(lambda t: t.of("event", "mark"))
-        self.assertEqual(twilio.received[-2:], [twilio.of("event", "media")[-1], mark])
-        self.assertEqual(twilio.played()[-1], filler)
-        await twilio.echo_mark(mark["mark"]["name"])
-        await agent.wait_for(lambda a: a.of("type", "session.end"))
-        self.assertEqual(await twilio.closed(), 1000)
-
-    async def test_mark_that_never_returns_hangs_up_after_a_timeout(self):
-        """If Twilio never echoes the mark, the call still ends after MARK_TIMEOUT."""
-        self.settings(MARK_TIMEOUT=0.3)
-        twilio, agent = await self.start_call()
-        await self.agree_to(agent, "end_call")
-        await agent.speak("reply_bye", [audio("bye", 0, 300)])
-        await twilio.wait_for(lambda t: t.of("event", "mark"))
-        await agent.wait_for(lambda a: a.of("type", "session.end"))
-        self.assertEqual(await twilio.closed(), 1000)
-        await self.log.wait_for("Twilio did not confirm the last words played within 0.3 s")
-
-    async def test_transfer_dials_the_number_after_the_hand_off_plays(self):
-        """transfer_call: after the hand-off is heard, the call gets <Dial>; the session ends."""
-        sid = "CA" + "d" * 32
-        rest = await self.twilio_api(**{sid: 200})
-        self.settings(TRANSFER_NUMBER="+15557654321")
-        twilio, agent = await self.start_call(call_sid=sid)
-        tools = agent.of("type", "session.update")[0]["session"]["tools"]
-        self.assertIn("transfer_call", [tool["name"] for tool in tools])
-        await self.agree_to(agent, "transfer_call")
-        await agent.speak("reply_handoff", [audio("handoff", 0, 300)])
-        mark, = await twilio.wait_for(lambda t: t.of("event", "mark"))
-        await self.round_trip(twilio, agent)
-        self.assertEqual(rest.requests, [])  # nothing happens before the hand-off is heard
-        await twilio.echo_mark(mark["mark"]["name"])
-        request = await rest.next_request()
-        self.assertEqual((request["method"], request["path"]),
-                         ("POST", f"/2010-04-01/Accounts/AC{'0' * 32}/Calls/{sid}.json"))
-        self.assertEqual(request["headers"]["Authorization"],
-                         "Basic " + base64.b64encode(b"AC" + b"0" * 32 + b":secret").decode())
-        base = f"https://127.0.0.1:{self.port}"
-        self.assertEqual(request["form"], {"Twiml": [
-            '<?xml version="1.0" encoding="UTF-8"?>\n<Response>'
-            f'<Dial action="{base}/transfer-done?transfer_to=a+person" timeout="20">'
-            f'<Number url="{base}/whisper?summary=A+caller+for+a+person.">+15557654321</Number>'
-            "</Dial></Response>"]})
-        await agent.wait_for(lambda a: a.of("type", "session.end"))
-        self.assertEqual(await twilio.closed(), 1000)
-        await self.log.wait_for(r"call ended after [\d.]+ s \(transferred\)")
-
-    async def test_interrupted_hand_off_does_not_transfer(self):
-        """If the caller talks over the hand-off sentence, the caller stays with the agent."""
-        sid = "CA" + "e" * 32
-        rest = await self.twilio_api(**{sid: 200})
-        self.settings(TRANSFER_NUMBER="+15557654321")
-        twilio, agent = await self.start_call(call_sid=sid)
-        await self.agree_to(agent, "transfer_call")
-        await agent.speak("reply_handoff", [audio("handoff", 0, 300)], status="interrupted")
-        await self.log.wait_for("the caller spoke over the agent's last words")
-        await twilio.stop()
-        await self.log.wait_for(r"call ended after")
-        self.assertEqual(rest.requests, [])
-
-    async def test_failed_transfer_keeps_the_caller_with_the_agent(self):
-        """If Twilio refuses the transfer, the log says why and the conversation goes on."""
-        sid = "CA" + "f" * 32
-        await self.twilio_api(**{sid: 404})
-        self.settings(TRANSFER_NUMBER="+15557654321")
-        twilio, agent = await self.start_call(call_sid=sid)
-        await self.agree_to(agent, "transfer_call")
-        await agent.speak("reply_handoff", [audio("handoff", 0, 300)])
-        mark, = await twilio.wait_for(lambda t: t.of("event", "mark"))
-        await twilio.echo_mark(mark["mark"]["name"])
-        await self.log.wait_for("Twilio refused to update the call: 21220 Call is not in-progress")
-        await self.log.wait_for("the transfer failed: the caller stays with the agent")
-        await self.round_trip(twilio, agent)
-        self.assertEqual(agent.of("type", "session.end"), [])
-
-    async def test_transfer_is_offered_only_with_a_number_and_credentials(self):
-        """No TRANSFER_NUMBER, or no Twilio credentials: no transfer_call, and asking fails."""
-        await self.twilio_api()
-        for number, account in (("", "AC" + "0" * 32), ("+15557654321", "")):
-            with self.subTest(TRANSFER_NUMBER=number, TWILIO_ACCOUNT_SID=account):
-                self.settings(TRANSFER_NUMBER=number, TWILIO_ACCOUNT_SID=account)
-                twilio, agent = await self.start_call()
-                tools = agent.of("type", "session.update")[0]["session"]["tools"]
-                self.assertNotIn("transfer_call", [tool["name"] for tool in tools])
-                result = await self.agree_to(agent, "transfer_call")
-                self.assertTrue(result["is_error"])
-                await twilio.stop()
-                await agent.closed()
-
-    async def test_start_up_log_says_what_is_off_and_why(self):
-        """Without credentials, or without TRANSFER_NUMBER, the start-up log says what is off."""
-        bridge.log_what_is_off()
-        await self.log.wait_for("TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN are not set: if the "
-                                "Voice Agent API fails, callers are hung up without a spoken "
-                                "apology, and the agent cannot transfer calls")
-        self.settings(TWILIO_AUTH_TOKEN="secret")  # the README's first step sets only this
-        bridge.log_what_is_off()
-        await self.log.wait_for("^TWILIO_ACCOUNT_SID is not set: if the Voice Agent API fails")
-        self.settings(TWILIO_ACCOUNT_SID="AC1")
-        bridge.log_what_is_off()
-        await self.log.wait_for("TRANSFER_NUMBER is not set: the agent cannot transfer calls")
-
-
 class Keypad(BridgeTest):
     """Keys the caller presses reach the agent as one entry, once the agent is not speaking."""
 
@@ -1496,10 +1377,138 @@ class Silence(BridgeTest):
                          ["tool.result", "reply.create"])
 
 
+class OutboundCommand(unittest.IsolatedAsyncioTestCase):
+    """`python bridge.py call +1...` against a local fake of Twilio's Calls endpoint."""
+
+    CALLS = "/2010-04-01/Accounts/AC" + "0" * 32 + "/Calls.json"  # Twilio's Calls endpoint
+
+    async def asyncSetUp(self):
+        self.twilio = await FakeHTTP({self.CALLS: (201, {"sid": "CA" + "f" * 32,
+                                                         "status": "queued"})}).start()
+        self.addAsyncCleanup(self.twilio.stop)
+        self.env = dict(os.environ, TWILIO_API_URL=self.twilio.url,
+                        TWILIO_ACCOUNT_SID="AC" + "0" * 32, TWILIO_AUTH_TOKEN="secret",
+                        TWILIO_PHONE_NUMBER="+15550009999", PUBLIC_URL="https://abc.ngrok.app",
+                        ASSEMBLYAI_API_KEY="", AGENT_VOICE="", LOG_LEVEL="INFO")
+
+    async def run_bridge(self, *args, **env):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, os.path.join(HERE, "bridge.py"), *args, cwd=HERE,
+            env={**self.env, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = await asyncio.wait_for(process.communicate(), 4 * TIMEOUT)
+        return process.returncode, out.decode(), err.decode()
+
+    async def test_call_is_created_and_its_sid_printed(self):
+        """The command POSTs the call with Basic auth and our URLs, prints the SID, exits 0."""
+        code, out, err = await self.run_bridge("call", "+15551234567")
+        self.assertEqual((code, out, err), (0, "CA" + "f" * 32 + "\n", ""))
+        request, = self.twilio.requests
+        self.assertEqual(request["headers"]["Authorization"],
+                         "Basic " + base64.b64encode(b"AC" + b"0" * 32 + b":secret").decode())
+        self.assertEqual(request["form"], {
+            "To": ["+15551234567"], "From": ["+15550009999"],
+            "Url": ["https://abc.ngrok.app/outbound-twiml"],
+            "StatusCallback": ["https://abc.ngrok.app/call-status"],
+            "StatusCallbackEvent": ["initiated", "ringing", "answered", "completed"],
+            "MachineDetection": ["DetectMessageEnd"], "AsyncAmd": ["true"],
+            "AsyncAmdStatusCallback": ["https://abc.ngrok.app/amd?From=%2B15550009999&"
+                                       "To=%2B15551234567&Direction=outbound-api"],
+            "AsyncAmdStatusCallbackMethod": ["POST"]})
+
+    async def test_call_variables_ride_on_the_webhook_url(self):
+        """name=value arguments become the query of the Url Twilio will fetch (and sign)."""
+        code, _, _ = await self.run_bridge("call", "+15551234567", "name=Ada",
+                                           "reason=your order & more", "empty=")
+        self.assertEqual(code, 0)
+        self.assertEqual(self.twilio.requests[0]["form"]["Url"], [
+            "https://abc.ngrok.app/outbound-twiml?name=Ada&reason=your+order+%26+more&empty="])
+
+    async def test_bad_arguments_exit_2_and_place_no_call(self):
+        """No =, a name that is not lowercase, a value too long, a bad number: one line, exit 2."""
+        cases = {
+            ("+15551234567", "name"): "'name' is not name=value",
+            ("+15551234567", "Name=Ada"): "'Name' is not a variable name: use lowercase "
+                                          "letters, digits and _, starting with a letter",
+            ("+15551234567", "To=+15550000000"): "'To' is not a variable name: use lowercase "
+                                                 "letters, digits and _, starting with a letter",
+            ("+15551234567", "note=" + "x" * 496): "note is too long: a name and its value must "
+                                                   "stay under 500 bytes",
+            ("5551234567", "name=Ada"): "'5551234567' is not a phone number in E.164 form "
+                                        "(+15551234567) or a sip: address",
+        }
+        for arguments, reason in cases.items():
+            with self.subTest(arguments=arguments):
+                code, out, err = await self.run_bridge("call", *arguments)
+                self.assertEqual((code, out, err), (2, "", f"cannot place a call: {reason}\n"))
+        self.assertEqual(self.twilio.requests, [])
+        self.assertEqual((await self.run_bridge("call", "+15551234567", "note=" + "x" * 495))[0],
+                         0)
+
+    async def test_missing_settings_are_named(self):
+        """Without Twilio credentials: one line naming them, non-zero exit, no traceback."""
+        code, out, err = await self.run_bridge("call", "+15551234567", TWILIO_AUTH_TOKEN="",
+                                               TWILIO_PHONE_NUMBER="")
+        self.assertEqual(code, 1)
+        self.assertEqual(err, "cannot place a call: set TWILIO_AUTH_TOKEN, TWILIO_PHONE_NUMBER "
+                              "(in the environment or .env; the number is one of your Twilio "
+                              "numbers, +15551234567)\n")
+
+    async def test_public_url_is_checked_as_when_serving(self):
+        """An http:// PUBLIC_URL would give ws:// streams Twilio refuses: no call is placed."""
+        code, out, err = await self.run_bridge("call", "+15551234567",
+                                               PUBLIC_URL="http://abc.ngrok.app")
+        self.assertEqual((code, out), (1, ""))
+        self.assertRegex(err, r"^cannot place a call: PUBLIC_URL=http://abc.ngrok.app must be "
+                              r"https://host or https://host:port, with no path")
+        self.assertEqual(self.twilio.requests, [])
+
+    async def test_twilio_errors_are_reported_plainly(self):
+        """A Twilio error answer is one line with its code and message; a 401 names the two
+        settings to check."""
+        for status, code, message, hint in (
+                (400, 21211, "Invalid 'To' Phone Number", ""),
+                (401, 20003, "Authenticate", " (check TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN)")):
+            with self.subTest(status=status):
+                self.twilio.answers[self.CALLS] = (status, {"code": code, "message": message,
+                                                            "status": status})
+                exit_code, _, err = await self.run_bridge("call", "+15551234567")
+                self.assertEqual((exit_code, err),
+                                 (1, f"Twilio refused the call: {code} {message}{hint}\n"))
+
+    async def test_unreachable_twilio_is_one_line(self):
+        """If Twilio's API cannot be reached, one line says where it tried."""
+        await self.twilio.stop()
+        code, _, err = await self.run_bridge("call", "+15551234567")
+        self.assertEqual(code, 1)
+        self.assertRegex(err, r"^cannot reach Twilio at http://127\.0\.0\.1:\d+: .*\n$")
+
+    async def test_public_url_comes_from_ngrok_when_unset(self):
+        """Without PUBLIC_URL, the local ngrok agent's https tunnel is used; no tunnel, one line."""
+        ngrok = await FakeHTTP({"/api/tunnels": (200, {"tunnels": [
+            {"proto": "http", "public_url": "http://abc.ngrok.app"},
+            {"proto": "https", "public_url": "https://abc.ngrok.app"}]})}).start()
+        self.addAsyncCleanup(ngrok.stop)
+        settings = mock.patch.multiple(
+            bridge, PUBLIC_URL="", NGROK_API=ngrok.url + "/api/tunnels", PORT="8080",
+            TWILIO_API_URL=self.twilio.url, TWILIO_ACCOUNT_SID="AC" + "0" * 32,
+            TWILIO_AUTH_TOKEN="secret", TWILIO_PHONE_NUMBER="+15550009999")
+        with settings:
+            sid = await asyncio.to_thread(bridge.call_from_command_line, "+15551234567", [])
+            self.assertEqual(sid, "CA" + "f" * 32)
+            self.assertEqual(self.twilio.requests[0]["form"]["Url"],
+                             ["https://abc.ngrok.app/outbound-twiml"])
+            bridge.NGROK_API = self.twilio.url + "/no-tunnels-here"
+            with self.assertRaises(SystemExit) as failed:
+                await asyncio.to_thread(bridge.call_from_command_line, "+15551234567", [])
+        self.assertEqual(str(failed.exception), "cannot place a call: set PUBLIC_URL, or start "
+                                                "ngrok (ngrok http 8080)")
+
+
 class Voicemail(BridgeTest):
-    """Outbound calls ask for answering-machine detection; a machine gets a voicemail."""
+    """Outbound calls ask for answering-machine detection; a machine gets a voicemail; progress is logged."""
 
     SID = "CA" + "9" * 32
+
     AMD = "/amd?From=%2B15552223333&To=%2B15550001111&Direction=outbound-api&name=Ada"
 
     async def verdict(self, answered_by: str) -> int:
@@ -1544,31 +1553,40 @@ class Voicemail(BridgeTest):
         await twilio.media(audio("the machine", 0))
         message = [audio("voicemail", n, 300) for n in range(3)]
         await agent.speak("reply_vm", message)
-        mark, = await twilio.wait_for(lambda t: t.of("event", "mark"))
+        mark = await twilio.next_mark()
         self.assertEqual(twilio.played(), message)
-        await twilio.echo_mark(mark["mark"]["name"])
+        await twilio.echo(mark)
         await agent.wait_for(lambda a: a.of("type", "session.end"))
         self.assertEqual(await twilio.closed(), 1000)
         self.assertEqual(agent.audio_in(), [])
         await self.log.wait_for(r"^\[CA9{32}\] call ended after [\d.]+ s \(the voicemail was "
                                 r"left: the agent hung up\), agent session sess_vm:")
 
+    async def test_call_status_is_logged(self):
+        """POST /call-status answers 200 and logs the call's status and duration."""
+        status, _, _ = await self.http("POST", "/call-status", form={
+            "CallSid": "CA" + "4" * 32, "CallStatus": "completed", "CallDuration": "42"})
+        self.assertEqual(status, 200)
+        await self.log.wait_for(r"\[CA4{32}\] call completed after 42 s")
+
 
 class Transfers(BridgeTest):
     """Named destinations, a whisper for whoever answers, and a way back if nobody does."""
 
     SID = "CA" + "7" * 32
+
     CALLER = {"From": "+15550001111", "To": "+15552223333", "Direction": "inbound",
               "CallSid": SID, "name": "Ada"}
 
-    async def asyncSetUp(self):
-        await super().asyncSetUp()
+    async def with_destinations(self):
+        """Give the default agent two named destinations, and Twilio's REST API."""
         self.rest = await self.twilio_api(**{self.SID: 200})
         self.settings(PUBLIC_URL="https://abc.ngrok.app")
         self.agents(transfers={"sales": "+15557650001", "billing": "sip:billing@example.com"})
 
     async def transfer(self, arguments: dict) -> tuple[TwilioStream, AgentSession, dict]:
         """Have the agent ask for a transfer; return the call, its agent, and the tool.result."""
+        await self.with_destinations()
         twilio, agent = await self.start_call(call_sid=self.SID, parameters=self.CALLER)
         await agent.send({"type": "reply.started", "reply_id": "reply_tool"})
         await agent.send({"type": "tool.call", "call_id": "c1", "name": "transfer_call",
@@ -1588,8 +1606,8 @@ class Transfers(BridgeTest):
                          ({"type": "string", "enum": ["sales", "billing"]}, ["destination"]))
         self.assertFalse(result["is_error"])
         await agent.speak("reply_handoff", [audio("handoff", 0, 300)])
-        mark, = await twilio.wait_for(lambda t: t.of("event", "mark"))
-        await twilio.echo_mark(mark["mark"]["name"])
+        mark = await twilio.next_mark()
+        await twilio.echo(mark)
         dial = ElementTree.fromstring((await self.rest.next_request())["form"]["Twiml"][0])[0]
         self.assertEqual((dial.tag, dial.get("timeout"), dial[0].tag, dial[0].text),
                          ("Dial", "20", "Sip", "sip:billing@example.com"))
@@ -1629,6 +1647,77 @@ class Transfers(BridgeTest):
         await self.round_trip(twilio, agent)
         self.assertEqual(self.rest.requests, [])
 
+    async def test_transfer_dials_the_number_after_the_hand_off_plays(self):
+        """transfer_call: after the hand-off is heard, the call gets <Dial>; the session ends."""
+        sid = "CA" + "d" * 32
+        rest = await self.twilio_api(**{sid: 200})
+        self.settings(TRANSFER_NUMBER="+15557654321")
+        twilio, agent = await self.start_call(call_sid=sid)
+        tools = agent.of("type", "session.update")[0]["session"]["tools"]
+        self.assertIn("transfer_call", [tool["name"] for tool in tools])
+        await self.agree_to(agent, "transfer_call")
+        await agent.speak("reply_handoff", [audio("handoff", 0, 300)])
+        mark = await twilio.next_mark()
+        await self.round_trip(twilio, agent)
+        self.assertEqual(rest.requests, [])  # nothing happens before the hand-off is heard
+        await twilio.echo(mark)
+        request = await rest.next_request()
+        self.assertEqual((request["method"], request["path"]),
+                         ("POST", f"/2010-04-01/Accounts/AC{'0' * 32}/Calls/{sid}.json"))
+        self.assertEqual(request["headers"]["Authorization"],
+                         "Basic " + base64.b64encode(b"AC" + b"0" * 32 + b":secret").decode())
+        base = f"https://127.0.0.1:{self.port}"
+        self.assertEqual(request["form"], {"Twiml": [
+            '<?xml version="1.0" encoding="UTF-8"?>\n<Response>'
+            f'<Dial action="{base}/transfer-done?transfer_to=a+person" timeout="20">'
+            f'<Number url="{base}/whisper?summary=A+caller+for+a+person.">+15557654321</Number>'
+            "</Dial></Response>"]})
+        await agent.wait_for(lambda a: a.of("type", "session.end"))
+        self.assertEqual(await twilio.closed(), 1000)
+        await self.log.wait_for(r"call ended after [\d.]+ s \(transferred\)")
+
+    async def test_interrupted_hand_off_does_not_transfer(self):
+        """If the caller talks over the hand-off sentence, the caller stays with the agent."""
+        sid = "CA" + "e" * 32
+        rest = await self.twilio_api(**{sid: 200})
+        self.settings(TRANSFER_NUMBER="+15557654321")
+        twilio, agent = await self.start_call(call_sid=sid)
+        await self.agree_to(agent, "transfer_call")
+        await agent.speak("reply_handoff", [audio("handoff", 0, 300)], status="interrupted")
+        await self.log.wait_for("the caller spoke over the agent's last words")
+        await twilio.stop()
+        await self.log.wait_for(r"call ended after")
+        self.assertEqual(rest.requests, [])
+
+    async def test_failed_transfer_keeps_the_caller_with_the_agent(self):
+        """If Twilio refuses the transfer, the log says why and the conversation goes on."""
+        sid = "CA" + "f" * 32
+        await self.twilio_api(**{sid: 404})
+        self.settings(TRANSFER_NUMBER="+15557654321")
+        twilio, agent = await self.start_call(call_sid=sid)
+        await self.agree_to(agent, "transfer_call")
+        await agent.speak("reply_handoff", [audio("handoff", 0, 300)])
+        mark = await twilio.next_mark()
+        await twilio.echo(mark)
+        await self.log.wait_for("Twilio refused to update the call: 21220 Call is not in-progress")
+        await self.log.wait_for("the transfer failed: the caller stays with the agent")
+        await self.round_trip(twilio, agent)
+        self.assertEqual(agent.of("type", "session.end"), [])
+
+    async def test_transfer_is_offered_only_with_a_number_and_credentials(self):
+        """No TRANSFER_NUMBER, or no Twilio credentials: no transfer_call, and asking fails."""
+        await self.twilio_api()
+        for number, account in (("", "AC" + "0" * 32), ("+15557654321", "")):
+            with self.subTest(TRANSFER_NUMBER=number, TWILIO_ACCOUNT_SID=account):
+                self.settings(TRANSFER_NUMBER=number, TWILIO_ACCOUNT_SID=account)
+                twilio, agent = await self.start_call()
+                tools = agent.of("type", "session.update")[0]["session"]["tools"]
+                self.assertNotIn("transfer_call", [tool["name"] for tool in tools])
+                result = await self.agree_to(agent, "transfer_call")
+                self.assertTrue(result["is_error"])
+                await twilio.stop()
+                await agent.closed()
+
 
 class KeysOut(BridgeTest):
     """send_digits plays DTMF tones into the call, in-band, and answers once they are heard."""
@@ -1644,13 +1733,13 @@ class KeysOut(BridgeTest):
         twilio, agent = await self.start_call()
         before = len(twilio.played())
         await self.press(agent, "1w2#9")
-        mark, = await twilio.wait_for(lambda t: t.of("event", "mark"))
+        mark = await twilio.next_mark()
         tones = b"".join(base64.b64decode(payload) for payload in twilio.played()[before:])
         self.assertEqual(dtmf_keys(tones), "12#9")
         self.assertEqual(len(tones), 4 * 1600 + 4000)  # 100 ms tone + 100 ms gap each; 0.5 s
         await self.round_trip(twilio, agent)
         self.assertEqual(agent.of("type", "tool.result"), [])  # not heard yet
-        await twilio.echo_mark(mark["mark"]["name"])
+        await twilio.echo(mark)
         result, = await agent.wait_for(lambda a: a.of("type", "tool.result"))
         self.assertEqual((result["result"], result["is_error"]), ('"Pressed 1w2#9."', False))
 
@@ -1658,11 +1747,11 @@ class KeysOut(BridgeTest):
         """A phone menu that keeps talking (input.speech.started) gets no clear while keys play."""
         twilio, agent = await self.start_call()
         await self.press(agent, "5")
-        mark, = await twilio.wait_for(lambda t: t.of("event", "mark"))
+        mark = await twilio.next_mark()
         await agent.send({"type": "input.speech.started"})
         await self.round_trip(twilio, agent)
         self.assertEqual(twilio.of("event", "clear"), [])
-        await twilio.echo_mark(mark["mark"]["name"])
+        await twilio.echo(mark)
         await agent.speak("reply_2", [])  # a turn began: the result waits for its reply.done
         result, = await agent.wait_for(lambda a: a.of("type", "tool.result"))
         self.assertFalse(result["is_error"])
@@ -1671,10 +1760,10 @@ class KeysOut(BridgeTest):
         """If the agent's next reply is interrupted, the clear drops the tones: an error result."""
         twilio, agent = await self.start_call()
         await self.press(agent, "5")
-        mark, = await twilio.wait_for(lambda t: t.of("event", "mark"))
+        mark = await twilio.next_mark()
         await agent.speak("reply_next", [], status="interrupted")
         await twilio.wait_for(lambda t: t.of("event", "clear"))
-        await twilio.echo_mark(mark["mark"]["name"])  # as Twilio does after a clear
+        await twilio.echo(mark)  # as Twilio does after a clear
         result, = await agent.wait_for(lambda a: a.of("type", "tool.result"))
         self.assertTrue(result["is_error"])
         self.assertIn("cut off", result["result"])
@@ -1790,8 +1879,12 @@ class CallsAPI(BridgeTest):
             "message": "Geo permission configuration is not permitting call"}))
 
 
+# =========================================================== Part 3: running it
+# Retries, signatures, HTTP limits, hostile input, metrics, start-up, redeploys.
+
+
 class AgentFailures(BridgeTest):
-    """When the Voice Agent API fails, the caller hears an apology, never silence."""
+    """When the Voice Agent API fails, the session is got back if it can be; else the caller hears an apology, never silence."""
 
     async def assert_apology(self, rest: FakeHTTP, twilio: TwilioStream):
         request = await rest.next_request()
@@ -1801,27 +1894,22 @@ class AgentFailures(BridgeTest):
         self.assertEqual(await twilio.closed(), 1000)
         await self.log.wait_for("the caller hears an apology, then the call ends")
 
-    async def test_unreachable_agent_is_tried_twice_then_apologized_for(self):
-        """A refused connection is retried once; then Twilio says sorry and the call ends."""
-        rest = await self.twilio_api(**{"CA" + "1" * 32: 200})
-        self.agent.refuse = 503
-        twilio = await TwilioStream.open(self.port)
-        await self.assert_apology(rest, twilio)
-        self.assertEqual(len(self.agent.headers), 2)
-        await self.log.wait_for("the Voice Agent API refused the connection: HTTP 503")
-
-    async def test_refused_key_at_the_handshake_is_not_retried(self):
-        """HTTP 401 on connect: one try, a log line naming ASSEMBLYAI_API_KEY, an apology."""
-        rest = await self.twilio_api(**{"CA" + "1" * 32: 200})
-        self.agent.refuse = 401
-        twilio = await TwilioStream.open(self.port)
-        await self.assert_apology(rest, twilio)
-        self.assertEqual(len(self.agent.headers), 1)
-        await self.log.wait_for(r"refused the connection: HTTP 401 \(check ASSEMBLYAI_API_KEY\)")
+    async def test_a_refused_connection_is_tried_again_unless_the_key_is_refused(self):
+        """HTTP 503 on connect: one more try. HTTP 401: no other try, and the log names
+        ASSEMBLYAI_API_KEY. Then Twilio says sorry, and the call ends."""
+        for status, tries, line in ((503, 2, "HTTP 503"),
+                                    (401, 1, r"HTTP 401 \(check ASSEMBLYAI_API_KEY\)")):
+            with self.subTest(status=status):
+                rest = await self.twilio_api(**{CALL_SID: 200})
+                self.agent.refuse, self.agent.headers = status, []
+                twilio = await TwilioStream.open(self.port)
+                await self.assert_apology(rest, twilio)
+                self.assertEqual(len(self.agent.headers), tries)
+                await self.log.wait_for("the Voice Agent API refused the connection: " + line)
 
     async def test_unauthorized_session_gets_an_apology(self):
         """session.error unauthorized and close 1008: apology, not retried, the key is named."""
-        rest = await self.twilio_api(**{"CA" + "1" * 32: 200})
+        rest = await self.twilio_api(**{CALL_SID: 200})
         twilio = await TwilioStream.open(self.port)
         agent = await self.agent.next_session()
         await agent.send({"type": "session.error", "code": "unauthorized",
@@ -1835,7 +1923,7 @@ class AgentFailures(BridgeTest):
 
     async def test_bad_voice_gets_an_apology_and_names_the_setting(self):
         """An invalid_value on the voice, then 1008: apology; the log names AGENT_VOICE."""
-        rest = await self.twilio_api(**{"CA" + "1" * 32: 200})
+        rest = await self.twilio_api(**{CALL_SID: 200})
         self.agents(voice="Ivy")
         twilio = await TwilioStream.open(self.port)
         agent = await self.agent.next_session()
@@ -1848,7 +1936,7 @@ class AgentFailures(BridgeTest):
 
     async def test_agent_lost_for_good_gets_an_apology(self):
         """The agent socket drops mid-call and every try to get it back fails: apology."""
-        rest = await self.twilio_api(**{"CA" + "1" * 32: 200})
+        rest = await self.twilio_api(**{CALL_SID: 200})
         self.settings(RETRY_DELAYS=(0, 0.01, 0.01))
         twilio, agent = await self.start_call()
         self.agent.refuse = 503
@@ -1858,7 +1946,7 @@ class AgentFailures(BridgeTest):
 
     async def test_sessions_that_keep_failing_are_not_retried_forever(self):
         """After a drop, sessions that close before they are ready use up the retries."""
-        rest = await self.twilio_api(**{"CA" + "1" * 32: 200})
+        rest = await self.twilio_api(**{CALL_SID: 200})
         self.settings(RETRY_DELAYS=(0, 0.01, 0.01))
         twilio, agent = await self.start_call()
         await agent.ws.close(1011, "internal error")
@@ -1873,7 +1961,7 @@ class AgentFailures(BridgeTest):
 
     async def test_agent_that_stops_answering_gets_an_apology_within_reconnect_seconds(self):
         """If reconnecting hangs (a network black hole), the apology comes in bounded time."""
-        rest = await self.twilio_api(**{"CA" + "1" * 32: 200})
+        rest = await self.twilio_api(**{CALL_SID: 200})
         swallowed = []  # connections the black hole takes and never answers
         black_hole = await asyncio.start_server(lambda reader, writer: swallowed.append(writer),
                                                 "127.0.0.1", 0)
@@ -1899,7 +1987,7 @@ class AgentFailures(BridgeTest):
     async def test_a_failing_call_leaves_other_calls_alone(self):
         """One call's agent failing ends that call only; another call goes on both ways."""
         rest = await self.twilio_api(**{"CA" + "2" * 32: 200})
-        healthy, healthy_agent = await self.start_call(call_sid="CA" + "1" * 32)
+        healthy, healthy_agent = await self.start_call(call_sid=CALL_SID)
         failing = await TwilioStream.open(self.port, call_sid="CA" + "2" * 32)
         failing_agent = await self.agent.next_session()
         await failing_agent.ws.close(1008, "unauthorized")
@@ -1908,10 +1996,6 @@ class AgentFailures(BridgeTest):
         voice = audio("still here", 0, 300)
         await healthy_agent.speak("reply_1", [voice])
         await healthy.wait_for(lambda t: voice in t.played())
-
-
-class AgentReconnects(BridgeTest):
-    """If the agent's socket drops mid-call, the session is resumed; the caller hears a pause."""
 
     async def test_dropped_socket_is_resumed_and_the_gap_audio_dropped(self):
         """The bridge reconnects and sends session.resume; audio sent meanwhile is dropped."""
@@ -1957,97 +2041,209 @@ class AgentReconnects(BridgeTest):
         await fresh.send({"type": "session.ready", "session_id": "sess_new"})
         await self.round_trip(twilio, fresh)
 
+    async def test_an_agent_that_never_gets_ready_is_retried_then_apologized_for(self):
+        """No session.ready: the connection is dropped and one more tried, then the apology."""
+        rest = await self.twilio_api(**{CALL_SID: 200})
+        self.settings(READY_TIMEOUT=0.3)
+        clock = asyncio.get_running_loop().time
+        began = clock()
+        twilio = await TwilioStream.open(self.port)
+        sessions = [await self.agent.next_session(), await self.agent.next_session()]
+        for session in sessions:
+            await session.wait_for(lambda a: a.of("type", "session.update"))
+            await session.closed()
+        request = await rest.next_request()
+        self.assertEqual(request["form"], {"Twiml": [APOLOGY_TWIML]})
+        self.assertLess(clock() - began, 2 * 0.3 + 0.5 + 1)  # two waits, one retry delay
+        self.assertEqual(len(self.agent.headers), 2)
+        await self.log.wait_for("the Voice Agent API sent no session.ready within 0.3 s")
+        self.assertEqual(await twilio.closed(), 1000)
 
-class Robustness(BridgeTest):
+    async def test_fifty_apologies_at_once_neither_queue_nor_starve_tools(self):
+        """The agent fails 50 calls at once and Twilio takes 2 s a request: all 50 apologies
+        reach Twilio together, and a plain tool on a live call still answers at once."""
+        sids = [f"CA{n:032x}" for n in range(51)]
+        rest = await self.twilio_api(delay=2, **{sid: 200 for sid in sids})
+        self.tool("whats_the_time", lambda: "noon")  # plain: it runs in a thread
+        twilio, agent = await self.start_call(call_sid=sids[50])
+        self.agent.refuse = 401
+        failing = await asyncio.gather(*(TwilioStream.open(self.port, call_sid=sid)
+                                         for sid in sids[:50]))
+        await rest.next_request()  # the apologies have begun
+        sent = asyncio.get_running_loop().time()
+        result = await self.agree_to(agent, "whats_the_time")
+        self.assertEqual(json.loads(result["result"]), "noon")
+        self.assertLess(asyncio.get_running_loop().time() - sent, 1)
+        for _ in range(49):  # the other apologies
+            await rest.next_request()
+        times = [request["time"] for request in rest.requests]
+        self.assertLess(max(times) - min(times), 2)
+        for stream in failing:
+            self.assertEqual(await stream.closed(), 1000)
 
-    async def test_two_simultaneous_calls_never_cross(self):
-        """Two calls at once: each side hears only its own call's audio, in order."""
-        calls = [await self.start_call(call_sid=f"CA{n:032x}", tag=f"hello{n}")
-                 for n in (7, 8)]
-        for n in range(30):
-            for i, (twilio, agent) in enumerate(calls):
-                await twilio.media(audio(f"caller{i}", n))
-                await agent.send({"type": "reply.audio", "reply_id": "r",
-                                  "data": audio(f"agent{i}", n, 300)})
-        for i, (twilio, agent) in enumerate(calls):
-            await agent.wait_for(lambda a: len(a.audio_in()) == 30)
-            await twilio.wait_for(lambda t: len(t.played()) == 31)
-            self.assertEqual(agent.audio_in(), [audio(f"caller{i}", n) for n in range(30)])
-            self.assertEqual(twilio.played()[1:], [audio(f"agent{i}", n, 300) for n in range(30)])
 
-    async def test_twenty_calls_at_once_each_get_all_and_only_their_own_audio(self):
-        """20 calls, one sending garbage, one losing its agent: every other frame arrives, in
-        order, on its own call only; the garbled call goes on and the lost agent comes back."""
-        self.settings(RETRY_DELAYS=(0, 0.01))
-        calls = [await self.start_call(call_sid=f"CA{n:032d}", tag=f"hello{n}")
-                 for n in range(20)]
-        noisy, lossy = 3, 7
-        for n in range(25):
-            if n == 10:
-                calls[lossy][1].ws.transport.abort()
-            for i, (twilio, agent) in enumerate(calls):
-                if i == noisy:
-                    await twilio.ws.send(b"\x00\xff binary")
-                    await twilio.ws.send('{"event": "media", "media": "not an object"}')
-                await twilio.media(audio(f"caller{i}", n))
-                if i != lossy or n < 10:
-                    await agent.send({"type": "reply.audio", "reply_id": "r",
-                                      "data": audio(f"agent{i}", n, 300)})
-        for i, (twilio, agent) in enumerate(calls):
-            if i == lossy:
-                continue
-            await agent.wait_for(lambda a: len(a.audio_in()) == 25)
-            await twilio.wait_for(lambda t: len(t.played()) == 26)
-            self.assertEqual(agent.audio_in(), [audio(f"caller{i}", n) for n in range(25)])
-            self.assertEqual(twilio.played()[1:], [audio(f"agent{i}", n, 300) for n in range(25)])
-        again = await self.agent.next_session()
-        await again.wait_for(lambda a: a.of("type", "session.resume"))
-        await again.send({"type": "session.ready", "session_id": f"sess_CA{lossy:032d}"})
-        await self.round_trip(calls[lossy][0], again)
+class Signatures(BridgeTest):
+    """With TWILIO_AUTH_TOKEN set, only requests Twilio signed get through."""
 
-    async def test_malformed_messages_are_logged_once_and_the_call_goes_on(self):
-        """Garbage, binary frames, missing fields, unknown Twilio events: one log line."""
-        twilio, agent = await self.start_call(call_sid="CA" + "9" * 32)
-        await twilio.ws.send("not json")
-        await twilio.ws.send(b"\x00\x01")
-        await twilio.send({"event": "media", "media": {}})
-        await twilio.send({"event": "something_new"})
-        await agent.ws.send("[1, 2]")
-        await agent.send({"type": "reply.audio"})
-        await self.round_trip(twilio, agent)
-        voice = audio("after", 0, 300)
-        await agent.send({"type": "reply.audio", "reply_id": "r", "data": voice})
-        await twilio.wait_for(lambda t: voice in t.played())
-        malformed = [line for line in self.log.lines if "malformed" in line]
-        self.assertEqual(len(malformed), 1)
-        await twilio.stop()
-        await self.log.wait_for(r"\[CA9{32}\] call ended .*; malformed messages 6; agent")
+    TOKEN = "twilio-auth-token"
 
-    async def test_messages_before_start_get_one_line_and_the_call_still_starts(self):
-        """Garbage or media before Twilio's start is ignored with one log line."""
-        ws = await connect(f"ws://127.0.0.1:{self.port}/stream", compression=None)
-        twilio = TwilioStream(ws)
-        twilio.call_sid, twilio.stream_sid = "CA" + "1" * 32, "MZ" + "1" * 32
-        await ws.send("garbage")
-        await twilio.media(audio("early", 0))
-        await twilio.send({"event": "start", "start": "no"})  # not a start that says anything
-        await twilio.send({"event": "start", "streamSid": twilio.stream_sid, "start": {
-            "callSid": twilio.call_sid, "streamSid": twilio.stream_sid,
-            "mediaFormat": bridge.TWILIO_AUDIO}})
-        agent = await self.agent.next_session()
-        await agent.wait_for(lambda a: a.of("type", "session.update"))
-        await self.log.wait_for("ignoring a Media Stream message sent before a valid start: "
-                                "'garbage'")
-        self.assertEqual(len([line for line in self.log.lines if "before a valid" in line]), 1)
+    async def asyncSetUp(self):
+        await super().asyncSetUp()
+        self.settings(TWILIO_AUTH_TOKEN=self.TOKEN)
 
-    async def test_oversized_message_ends_that_call_cleanly(self):
-        """A Twilio message over MAX_TWILIO_MESSAGE closes that stream (1009); the session ends."""
-        twilio, agent = await self.start_call(call_sid="CA" + "8" * 32)
-        await twilio.ws.send("x" * (bridge.MAX_TWILIO_MESSAGE + 1))
-        self.assertEqual(await twilio.closed(), 1009)
-        await agent.wait_for(lambda a: a.of("type", "session.end"))
-        await self.log.wait_for(r"^\[CA8{32}\] Twilio's stream closed: sent 1009 \(message "
-                                r"too big\)")
+    def test_twilios_published_test_vectors(self):
+        """The signature matches the values Twilio publishes for its own SDKs."""
+        self.settings(TWILIO_AUTH_TOKEN="12345")
+        url = "https://mycompany.com/myapp.php?foo=1&bar=2"
+        form = [("CallSid", "CA1234567890ABCDE"), ("Digits", "1234"), ("From", "+14158675309"),
+                ("To", "+18005551212"), ("Caller", "+14158675309")]
+        self.assertEqual(bridge.twilio_signature(url, form), "RSOYDt4T1cUTdK1PDd93/VVr8B8=")
+        self.assertEqual(bridge.twilio_signature(url.replace(".com/", ".com:443/"), form),
+                         "kvajT1Ptam85bY51eRf/AJRuM3w=")
+        self.assertEqual(bridge.twilio_signature(
+            "http://mycompany.com:80/myapp.php?foo=1&bar=2", form), "0ZXoZLH/DfblKGATFgpif+LLRf4=")
+        self.assertEqual(bridge.twilio_signature(
+            "http://mycompany.com:1234/myapp.php?foo=1&bar=2", form),
+            "Zmvh+3yNM1Phv2jhDCwEM3q5ebU=")
+        repeated = [("Sid", "CA123"), ("SidAccount", "AC123"), ("Digits", "5678"),
+                    ("Digits", "1234"), ("Digits", "1234")]
+        self.assertEqual(bridge.twilio_signature(url, repeated), "IK+Dwps556ElfBT0I3Rgjkr1wJU=")
+        self.assertEqual(bridge.twilio_signature(
+            "https://example.com/myapp.php?foo=1&bar=2",
+            [("Digits", "1234"), ("To", "+18005551212"), ("From", "+14158675310"),
+             ("Caller", "+14158675310"), ("CallSid", "CA1234567890ABCDE")]),
+            "L/OH5YylLD5NRKLltdqwSvS0BnU=")
+
+    async def post(self, path: str, form: dict, signed_url: str | None, signed_form=None):
+        headers = {"Host": "abc.ngrok.app"}
+        if signed_url is not None:
+            headers["X-Twilio-Signature"] = signature(self.TOKEN, signed_url,
+                                                      form if signed_form is None else signed_form)
+        return (await self.http("POST", path, form=form, headers=headers))[0]
+
+    async def test_every_webhook_needs_twilios_signature(self):
+        """Signed: 200. Changed field, other URL, no header: 403, and a log line says why."""
+        form = {"CallSid": "CA" + "a" * 32, "From": "+15550001111", "CallStatus": "ringing",
+                "ForwardedFrom": ""}  # an empty field is signed too
+        for path in ("/twiml", "/outbound-twiml", "/call-status", "/amd", "/transfer-done",
+                     "/whisper", "/recording-status"):
+            with self.subTest(path=path):
+                url = "https://abc.ngrok.app" + path
+                self.assertEqual(await self.post(path, form, url), 200)
+                self.assertEqual(await self.post(path, form, url.replace(".app/", ".app:443/")),
+                                 200)
+                tampered = {**form, "From": "+19005550000"}
+                self.assertEqual(await self.post(path, tampered, url, signed_form=form), 403)
+                self.assertEqual(await self.post(path, form, "https://other.example" + path),
+                                 403)
+                self.assertEqual(await self.post(path, form, None), 403)
+                await self.log.wait_for(f"refusing POST {path}: no valid X-Twilio-Signature")
+
+    async def test_get_webhooks_sign_their_query_string(self):
+        """A GET webhook is signed over its URL with the query string; changing it is refused."""
+        path = "/twiml?CallSid=CA1&From=%2B15550001111"
+        url = "https://abc.ngrok.app" + path
+        good = {"Host": "abc.ngrok.app", "X-Twilio-Signature": signature(self.TOKEN, url)}
+        self.assertEqual((await self.http("GET", path, headers=good))[0], 200)
+        self.assertEqual((await self.http("GET", path + "0", headers=good))[0], 403)
+
+    async def test_public_url_is_the_url_signed(self):
+        """With PUBLIC_URL set, Twilio's signature is checked against it, not the Host header."""
+        self.settings(PUBLIC_URL="https://bridge.example.com")
+        form = {"CallSid": "CA1"}
+        headers = {"Host": "internal:8080", "X-Twilio-Signature": signature(
+            self.TOKEN, "https://bridge.example.com/twiml", form)}
+        self.assertEqual((await self.http("POST", "/twiml", form=form, headers=headers))[0], 200)
+        headers["X-Twilio-Signature"] = signature(self.TOKEN, "https://internal:8080/twiml", form)
+        self.assertEqual((await self.http("POST", "/twiml", form=form, headers=headers))[0], 403)
+
+    async def test_media_stream_needs_a_signature_before_any_agent_session(self):
+        """Unsigned or wrongly signed streams get 403 and open no agent session."""
+        url = f"wss://127.0.0.1:{self.port}/stream"
+        for headers in ({}, {"X-Twilio-Signature": "bm90IGEgc2lnbmF0dXJl"},
+                        {"X-Twilio-Signature": signature(self.TOKEN, "https" + url[3:])}):
+            with self.subTest(headers=headers):
+                with self.assertRaises(InvalidStatus) as refused:
+                    await TwilioStream.open(self.port, headers=headers)
+                self.assertEqual(refused.exception.response.status_code, 403)
+        self.assertEqual(self.agent.headers, [])
+        await self.log.wait_for("refusing GET /stream: no valid X-Twilio-Signature")
+
+    async def test_signed_media_streams_are_let_in(self):
+        """A stream signed over its wss URL, with a trailing slash or :443 or not, is let in."""
+        self.settings(PUBLIC_URL="https://abc.ngrok.app")
+        for signed in ("abc.ngrok.app/stream", "abc.ngrok.app/stream/",
+                       "abc.ngrok.app:443/stream"):
+            with self.subTest(signed=signed):
+                headers = {"X-Twilio-Signature": signature(self.TOKEN, "wss://" + signed)}
+                twilio = await TwilioStream.open(self.port, headers=headers)
+                agent = await self.agent.next_session()
+                await twilio.stop()
+                await agent.closed()
+
+    async def test_hostile_host_header_gets_403_not_a_server_error(self):
+        """A Host header no real request has gets 403, not a server error."""
+        for host in ("abc.ngrok.app:notaport", "[::1", ""):
+            with self.subTest(host=host):
+                status, _, _ = await self.http("POST", "/twiml", form={"CallSid": "CA1"},
+                                               headers={"Host": host,
+                                                        "X-Twilio-Signature": "x"})
+                self.assertEqual(status, 403)
+
+    async def test_health_needs_no_signature(self):
+        """A load balancer's health check is not signed, and still gets 200."""
+        self.assertEqual((await self.http("GET", "/health"))[0], 200)
+
+    async def test_without_a_token_the_start_up_log_says_requests_are_not_checked(self):
+        """No TWILIO_AUTH_TOKEN: one start-up line says requests are unchecked, and the fix."""
+        self.settings(TWILIO_AUTH_TOKEN="")
+        bridge.log_what_is_off()
+        await self.log.wait_for("TWILIO_AUTH_TOKEN is not set: requests are not checked for "
+                                "Twilio's signature, .* set TWILIO_AUTH_TOKEN to turn the check on")
+
+    async def test_a_sharedkey_signature_is_named_in_the_refusal(self):
+        """A webhook signed with a SharedKey (beta) gets 403, and the log says why."""
+        self.settings(TWILIO_AUTH_TOKEN="secret")
+        status, _, _ = await self.http("POST", "/twiml", form={"CallSid": "CA1"}, headers={
+            "Host": "abc.ngrok.app", "X-Twilio-Signature": "c2lnbmVk",
+            "X-Twilio-Webhooks-Signature-Settings": "key=KS123,algorithm=HMAC_SHA256"})
+        self.assertEqual(status, 403)
+        await self.log.wait_for("refusing POST /twiml: it is signed with a Twilio SharedKey "
+                                r"\(X-Twilio-Webhooks-Signature-Settings\), and this bridge "
+                                "checks Auth Token signatures")
+
+
+class HTTPLimits(BridgeTest):
+    """Every HTTP request gets an answer with a status, whatever it holds."""
+
+    async def test_form_body_arriving_in_pieces_is_read_whole(self):
+        """A POST whose body trails its head (or comes byte by byte) still gets its TwiML."""
+        body = b"CallSid=CA" + b"b" * 32 + b"&From=%2B15550001111&Direction=inbound"
+        head = (b"POST /twiml HTTP/1.1\r\nHost: abc.ngrok.app\r\nContent-Type: "
+                b"application/x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n" % len(body))
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        for piece in [head, *(body[i:i + 1] for i in range(len(body)))]:
+            writer.write(piece)
+            await writer.drain()
+        response = await asyncio.wait_for(reader.read(), TIMEOUT)
+        writer.close()
+        self.assertTrue(response.startswith(b"HTTP/1.1 200 OK\r\n"))
+        self.assertIn(b'<Stream url="wss://abc.ngrok.app/stream"><Parameter name="From" '
+                      b'value="+15550001111"/>', response)
+        await self.log.wait_for(r"\[CAb{32}\] inbound call from \+15550001111")
+
+    async def test_chunked_body_is_refused_with_411(self):
+        """Twilio sends a Content-Length; a chunked body gets 411 instead of a silent close."""
+        status, _, _ = await self.http("POST", "/twiml", body=iter([b"CallSid=CA1"]),
+                                       headers={"Transfer-Encoding": "chunked"})
+        self.assertEqual(status, 411)
+
+    async def test_oversized_body_is_refused(self):
+        """A body over the limit gets 413 before it is read."""
+        too_big = "x" * (bridge.MAX_WEBHOOK_BODY + 1)
+        status, _, _ = await self.http("POST", "/twiml", body=too_big, headers={
+            "Content-Type": "application/x-www-form-urlencoded"})
+        self.assertEqual(status, 413)
 
     async def test_webhook_that_never_finishes_gets_408(self):
         """A request whose body stops arriving gets 408 after HANDSHAKE_TIMEOUT."""
@@ -2068,9 +2264,38 @@ class Robustness(BridgeTest):
             "X-Padding": "x" * bridge.MAX_REQUEST_HEAD})
         self.assertEqual(status, 431)
 
+    async def raw(self, head: str, body: bytes = b"") -> str:
+        """Send a request exactly as written; return the status line of the answer."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        try:
+            writer.write(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+            return (await asyncio.wait_for(reader.readline(), TIMEOUT)).decode().strip()
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+    async def test_ambiguous_http_heads_get_400_or_411(self):
+        """Repeated Host or signature, a missing or nonsensical Content-Length: 400 or 411."""
+        self.settings(TWILIO_AUTH_TOKEN="secret")
+        form = b"CallSid=CA1"
+        cases = {
+            "POST /twiml HTTP/1.1\nHost: a\nHost: b\nContent-Length: 11\n": "400",
+            "POST /twiml HTTP/1.1\nHost: a\nX-Twilio-Signature: x\nX-Twilio-Signature: y\n"
+            "Content-Length: 11\n": "400",
+            "POST /twiml HTTP/1.1\nHost: a\n": "411",
+            "POST /twiml HTTP/1.1\nHost: a\nContent-Length: eleven\n": "400",
+            "POST /twiml HTTP/1.1\nHost: a\nContent-Length: -11\n": "400",
+            "POST /twiml HTTP/1.1\nHost: a\nContent-Length: 11\nContent-Length: 12\n": "400",
+            "POST /health HTTP/1.1\nHost: a\nContent-Length: 11\nContent-Length: 11\n": "200",
+        }
+        for head, status in cases.items():
+            with self.subTest(head=head):
+                self.assertRegex(await self.raw(head, form), f"^HTTP/1.1 {status} ")
+        self.assertFalse([line for line in self.log.lines if "Traceback" in line])
+
 
 class HostileInput(BridgeTest):
-    """What an adversarial run found: each input gets one clear answer and harms nothing."""
+    """Whatever arrives off the wire gets one clear answer and harms nothing."""
 
     async def open_raw(self, start: dict) -> TwilioStream:
         """A Media Stream whose `start` says whatever the test wants."""
@@ -2086,7 +2311,7 @@ class HostileInput(BridgeTest):
         good = {"callSid": "CA" + "aB" * 16, "streamSid": "MZ" + "1" * 32,
                 "mediaFormat": bridge.TWILIO_AUDIO}
         for field, value in (("callSid", "CA%999999999s" + "0" * 19), ("callSid", "CA1 2"),
-                             ("callSid", ["CA" + "1" * 32]), ("streamSid", "MZ" + "g" * 32)):
+                             ("callSid", [CALL_SID]), ("streamSid", "MZ" + "g" * 32)):
             with self.subTest(field=field, value=value):
                 twilio = await self.open_raw({**good, field: value})
                 self.assertEqual(await twilio.closed(), 1000)
@@ -2148,35 +2373,6 @@ class HostileInput(BridgeTest):
         await twilio.stop()
         await self.log.wait_for(r"\[CA8{32}\] call ended .*; malformed messages 6; agent")
 
-    async def raw(self, head: str, body: bytes = b"") -> str:
-        """Send a request exactly as written; return the status line of the answer."""
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        try:
-            writer.write(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
-            return (await asyncio.wait_for(reader.readline(), TIMEOUT)).decode().strip()
-        finally:
-            writer.close()
-            await writer.wait_closed()
-
-    async def test_ambiguous_http_heads_get_400_or_411(self):
-        """Repeated Host or signature, a missing or nonsensical Content-Length: 400 or 411."""
-        self.settings(TWILIO_AUTH_TOKEN="secret")
-        form = b"CallSid=CA1"
-        cases = {
-            "POST /twiml HTTP/1.1\nHost: a\nHost: b\nContent-Length: 11\n": "400",
-            "POST /twiml HTTP/1.1\nHost: a\nX-Twilio-Signature: x\nX-Twilio-Signature: y\n"
-            "Content-Length: 11\n": "400",
-            "POST /twiml HTTP/1.1\nHost: a\n": "411",
-            "POST /twiml HTTP/1.1\nHost: a\nContent-Length: eleven\n": "400",
-            "POST /twiml HTTP/1.1\nHost: a\nContent-Length: -11\n": "400",
-            "POST /twiml HTTP/1.1\nHost: a\nContent-Length: 11\nContent-Length: 12\n": "400",
-            "POST /health HTTP/1.1\nHost: a\nContent-Length: 11\nContent-Length: 11\n": "200",
-        }
-        for head, status in cases.items():
-            with self.subTest(head=head):
-                self.assertRegex(await self.raw(head, form), f"^HTTP/1.1 {status} ")
-        self.assertFalse([line for line in self.log.lines if "Traceback" in line])
-
     async def test_bad_media_format_gets_the_apology_and_no_agent_session(self):
         """A stream that is not 8 kHz mono mu-law: one line naming it, then the apology."""
         rest = await self.twilio_api(**{"CA" + "2" * 32: 200})
@@ -2190,125 +2386,53 @@ class HostileInput(BridgeTest):
                                 r"'sampleRate': 16000, 'channels': 1\}, not 8 kHz mono mu-law")
         self.assertEqual(len(self.agent.headers), 0)
 
-    async def test_a_sharedkey_signature_is_named_in_the_refusal(self):
-        """A webhook signed with a SharedKey (beta) gets 403, and the log says why."""
-        self.settings(TWILIO_AUTH_TOKEN="secret")
-        status, _, _ = await self.http("POST", "/twiml", form={"CallSid": "CA1"}, headers={
-            "Host": "abc.ngrok.app", "X-Twilio-Signature": "c2lnbmVk",
-            "X-Twilio-Webhooks-Signature-Settings": "key=KS123,algorithm=HMAC_SHA256"})
-        self.assertEqual(status, 403)
-        await self.log.wait_for("refusing POST /twiml: it is signed with a Twilio SharedKey "
-                                r"\(X-Twilio-Webhooks-Signature-Settings\), and this bridge "
-                                "checks Auth Token signatures")
+    async def test_malformed_messages_are_logged_once_and_the_call_goes_on(self):
+        """Garbage, binary frames, missing fields, unknown Twilio events: one log line."""
+        twilio, agent = await self.start_call(call_sid="CA" + "9" * 32)
+        await twilio.ws.send("not json")
+        await twilio.ws.send(b"\x00\x01")
+        await twilio.send({"event": "media", "media": {}})
+        await twilio.send({"event": "something_new"})
+        await agent.ws.send("[1, 2]")
+        await agent.send({"type": "reply.audio"})
+        await self.round_trip(twilio, agent)
+        voice = audio("after", 0, 300)
+        await agent.send({"type": "reply.audio", "reply_id": "r", "data": voice})
+        await twilio.wait_for(lambda t: voice in t.played())
+        malformed = [line for line in self.log.lines if "malformed" in line]
+        self.assertEqual(len(malformed), 1)
+        await twilio.stop()
+        await self.log.wait_for(r"\[CA9{32}\] call ended .*; malformed messages 6; agent")
 
-    async def test_unknown_paths_are_logged_once_a_minute_each(self):
-        """A 404 gets a log line naming the paths served, once per path per minute."""
-        for path in ("/twilml", "/twilml", "/voice"):
-            self.assertEqual((await self.http("POST", path, form={}))[0], 404)
-        lines = [line for line in self.log.lines if line.startswith("404 for")]
-        self.assertEqual(len(lines), 2)
-        self.assertRegex(lines[0], r"^404 for POST /twilml: this server answers /twiml, ")
-        self.assertRegex(lines[1], r"^404 for POST /voice: ")
+    async def test_messages_before_start_get_one_line_and_the_call_still_starts(self):
+        """Garbage or media before Twilio's start is ignored with one log line."""
+        ws = await connect(f"ws://127.0.0.1:{self.port}/stream", compression=None)
+        twilio = TwilioStream(ws)
+        twilio.call_sid, twilio.stream_sid = CALL_SID, "MZ" + "1" * 32
+        await ws.send("garbage")
+        await twilio.media(audio("early", 0))
+        await twilio.send({"event": "start", "start": "no"})  # not a start that says anything
+        await twilio.send({"event": "start", "streamSid": twilio.stream_sid, "start": {
+            "callSid": twilio.call_sid, "streamSid": twilio.stream_sid,
+            "mediaFormat": bridge.TWILIO_AUDIO}})
+        agent = await self.agent.next_session()
+        await agent.wait_for(lambda a: a.of("type", "session.update"))
+        await self.log.wait_for("ignoring a Media Stream message sent before a valid start: "
+                                "'garbage'")
+        self.assertEqual(len([line for line in self.log.lines if "before a valid" in line]), 1)
 
-
-class ProtocolCorners(BridgeTest):
-    """reply.error, stalled agents, goodbyes that never finish, slow REST calls."""
-
-    async def goodbye(self, twilio: TwilioStream, agent: AgentSession):
-        """The agent agrees to hang up, and starts saying goodbye: one frame of it."""
-        await self.agree_to(agent, "end_call")
-        await agent.send({"type": "reply.started", "reply_id": "reply_bye"})
-        bye = audio("bye", 0, 300)
-        await agent.send({"type": "reply.audio", "reply_id": "reply_bye", "data": bye})
-        await twilio.wait_for(lambda t: bye in t.played())
-
-    async def hangs_up_after_the_mark(self, twilio: TwilioStream, agent: AgentSession):
-        mark = await twilio.wait_for(lambda t: [m for m in t.of("event", "mark")
-                                                if m["mark"]["name"].startswith("last-words")])
-        await twilio.echo_mark(mark[0]["mark"]["name"])
-        self.assertEqual(await twilio.closed(), 1000)
-        await self.log.wait_for(r"call ended after [\d.]+ s \(the agent hung up\)")
-
-    async def test_reply_error_ends_the_reply_and_sends_the_waiting_tool_result(self):
-        """A reply.error is logged, and the tool result waiting for the reply's end is sent."""
-        twilio, agent = await self.start_call()
-        await agent.send({"type": "reply.started", "reply_id": "reply_tool"})
-        await agent.send({"type": "tool.call", "call_id": "call_1", "name": "look_up_caller",
-                          "arguments": {}})
-        await agent.send({"type": "reply.error", "reply_id": "reply_tool", "code": "tts_failed",
-                          "message": "speech failed", "retryable": True})
-        result = await agent.wait_for(lambda a: a.of("type", "tool.result"))
-        self.assertEqual(result[0]["call_id"], "call_1")
-        await self.log.wait_for("agent reply failed: tts_failed speech failed")
-
-    async def test_a_goodbye_ending_in_reply_error_still_hangs_up(self):
-        """A goodbye that ends in reply.error instead of reply.done is over: the call ends."""
-        twilio, agent = await self.start_call()
-        await self.goodbye(twilio, agent)
-        await agent.send({"type": "reply.error", "reply_id": "reply_bye", "code": "x",
-                          "message": "y"})
-        await self.hangs_up_after_the_mark(twilio, agent)
-
-    async def test_a_goodbye_cut_off_with_the_agent_socket_still_hangs_up(self):
-        """The agent socket drops mid-goodbye: once the session is back, the call ends."""
-        twilio, agent = await self.start_call()
-        await self.goodbye(twilio, agent)
-        await agent.ws.close()
-        again = await self.agent.next_session()
-        await again.wait_for(lambda a: a.of("type", "session.resume"))
-        await again.send({"type": "session.ready", "session_id": "sess_CA" + "1" * 32})
-        await self.hangs_up_after_the_mark(twilio, again)
-
-    async def test_a_goodbye_that_never_finishes_hangs_up_after_a_bound(self):
-        """No reply.done for the last words: after LAST_WORDS_TIMEOUT the bridge acts."""
-        self.settings(LAST_WORDS_TIMEOUT=0.3)
-        twilio, agent = await self.start_call()
-        await self.goodbye(twilio, agent)
-        await self.hangs_up_after_the_mark(twilio, agent)
-
-    async def test_an_agent_that_never_gets_ready_is_retried_then_apologized_for(self):
-        """No session.ready: the connection is dropped and one more tried, then the apology."""
-        rest = await self.twilio_api(**{"CA" + "1" * 32: 200})
-        self.settings(READY_TIMEOUT=0.3)
-        clock = asyncio.get_running_loop().time
-        began = clock()
-        twilio = await TwilioStream.open(self.port)
-        sessions = [await self.agent.next_session(), await self.agent.next_session()]
-        for session in sessions:
-            await session.wait_for(lambda a: a.of("type", "session.update"))
-            await session.closed()
-        request = await rest.next_request()
-        self.assertEqual(request["form"], {"Twiml": [APOLOGY_TWIML]})
-        self.assertLess(clock() - began, 2 * 0.3 + 0.5 + 1)  # two waits, one retry delay
-        self.assertEqual(len(self.agent.headers), 2)
-        await self.log.wait_for("the Voice Agent API sent no session.ready within 0.3 s")
-        self.assertEqual(await twilio.closed(), 1000)
-
-    async def test_fifty_apologies_at_once_neither_queue_nor_starve_tools(self):
-        """The agent fails 50 calls at once and Twilio takes 2 s a request: all 50 apologies
-        reach Twilio together, and a plain tool on a live call still answers at once."""
-        sids = [f"CA{n:032x}" for n in range(51)]
-        rest = await self.twilio_api(delay=2, **{sid: 200 for sid in sids})
-        self.tool("whats_the_time", lambda: "noon")  # plain: it runs in a thread
-        twilio, agent = await self.start_call(call_sid=sids[50])
-        self.agent.refuse = 401
-        failing = await asyncio.gather(*(TwilioStream.open(self.port, call_sid=sid)
-                                         for sid in sids[:50]))
-        await rest.next_request()  # the apologies have begun
-        sent = asyncio.get_running_loop().time()
-        result = await self.agree_to(agent, "whats_the_time")
-        self.assertEqual(json.loads(result["result"]), "noon")
-        self.assertLess(asyncio.get_running_loop().time() - sent, 1)
-        for _ in range(49):  # the other apologies
-            await rest.next_request()
-        times = [request["time"] for request in rest.requests]
-        self.assertLess(max(times) - min(times), 2)
-        for stream in failing:
-            self.assertEqual(await stream.closed(), 1000)
+    async def test_oversized_message_ends_that_call_cleanly(self):
+        """A Twilio message over MAX_TWILIO_MESSAGE closes that stream (1009); the session ends."""
+        twilio, agent = await self.start_call(call_sid="CA" + "8" * 32)
+        await twilio.ws.send("x" * (bridge.MAX_TWILIO_MESSAGE + 1))
+        self.assertEqual(await twilio.closed(), 1009)
+        await agent.wait_for(lambda a: a.of("type", "session.end"))
+        await self.log.wait_for(r"^\[CA8{32}\] Twilio's stream closed: sent 1009 \(message "
+                                r"too big\)")
 
 
 class Metrics(BridgeTest):
-    """GET /metrics: what an operator needs, in Prometheus' text format, and nothing secret."""
+    """GET /metrics and /health: what an operator needs, and nothing secret."""
 
     async def metrics(self) -> dict[str, float]:
         status, kind, body = await self.http("GET", "/metrics")
@@ -2355,6 +2479,114 @@ class Metrics(BridgeTest):
         after = await self.metrics()
         self.assertEqual([after[name] - before[name] for name in (
             "bridge_tool_calls_total", "bridge_tool_failures_total")], [1, 1])
+
+    async def test_health(self):
+        """GET /health answers 200."""
+        self.assertEqual((await self.http("GET", "/health"))[0], 200)
+
+
+class StartUp(BridgeTest):
+    """Start-up problems are one plain line and a non-zero exit, never a traceback; what is off is said."""
+
+    async def serve(self, **env) -> tuple[int, str]:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, os.path.join(HERE, "bridge.py"), cwd=HERE,
+            env=dict(os.environ, LOG_LEVEL="INFO", **env),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        _, err = await asyncio.wait_for(process.communicate(), 4 * TIMEOUT)
+        return process.returncode, err.decode()
+
+    async def test_missing_api_key(self):
+        """Serving without ASSEMBLYAI_API_KEY says what to do."""
+        self.assertEqual(await self.serve(ASSEMBLYAI_API_KEY="", PORT="8080"), (
+            1, "ASSEMBLYAI_API_KEY is not set: set it in the environment, or in a .env file "
+               "beside bridge.py (ASSEMBLYAI_API_KEY=your key)\n"))
+
+    async def test_bad_port(self):
+        """A PORT that is not a port number is named."""
+        self.assertEqual(await self.serve(ASSEMBLYAI_API_KEY="k", PORT="eighty"),
+                         (1, "PORT=eighty is not a port number (1-65535)\n"))
+
+    async def test_bad_seconds(self):
+        """A MAX_CALL_SECONDS or SILENCE_SECONDS that is not a number is named."""
+        self.assertEqual(await self.serve(ASSEMBLYAI_API_KEY="k", PORT="8080",
+                                          MAX_CALL_SECONDS="1h"),
+                         (1, "MAX_CALL_SECONDS=1h is not a number of seconds\n"))
+        self.assertEqual(await self.serve(ASSEMBLYAI_API_KEY="k", PORT="8080",
+                                          MAX_CALL_SECONDS="60", SILENCE_SECONDS="-1"),
+                         (1, "SILENCE_SECONDS=-1 is not a number of seconds\n"))
+
+    async def test_placeholder_or_quoted_keys(self):
+        """The README's placeholder, or a key pasted with quotes or spaces, is refused."""
+        self.assertEqual(await self.serve(ASSEMBLYAI_API_KEY="your-key", PORT="8080"), (
+            1, "ASSEMBLYAI_API_KEY is a placeholder: put your key from AssemblyAI's dashboard "
+               "in its place\n"))
+        for key in ('"abc123"', "abc 123", "abc123\t"):
+            self.assertEqual(await self.serve(ASSEMBLYAI_API_KEY=key, PORT="8080"), (
+                1, "ASSEMBLYAI_API_KEY has a space or a quote in it: set the key alone\n"))
+
+    async def test_public_url_is_https_host_and_port_only(self):
+        """http://, a path, or no scheme: refused with what it must be."""
+        for url in ("http://abc.ngrok.app", "https://abc.ngrok.app/bridge", "abc.ngrok.app"):
+            code, err = await self.serve(ASSEMBLYAI_API_KEY="k", PORT="8080", PUBLIC_URL=url)
+            self.assertEqual((code, err), (1, f"PUBLIC_URL={url} must be https://host or "
+                             "https://host:port, with no path: Twilio opens Media Streams at "
+                             "wss:// on that host, never at ws://\n"))
+
+    async def test_help_needs_no_settings(self):
+        """--help prints the usage and exits 0, with no settings at all."""
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, os.path.join(HERE, "bridge.py"), "--help", cwd=HERE,
+            env={"PATH": os.environ.get("PATH", "")}, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE)
+        out, err = await asyncio.wait_for(process.communicate(), 4 * TIMEOUT)
+        self.assertEqual((process.returncode, err), (0, b""))
+        self.assertIn(b"python bridge.py call +15551234567", out)
+
+    async def test_env_is_read_from_the_project_directory_only(self):
+        """A .env in a parent directory is not read: it may belong to another project."""
+        with tempfile.TemporaryDirectory() as parent:
+            os.mkdir(os.path.join(parent, "project"))
+            shutil.copy(os.path.join(HERE, "bridge.py"), os.path.join(parent, "project"))
+            with open(os.path.join(parent, ".env"), "w") as env:
+                env.write("ASSEMBLYAI_API_KEY=from-another-project\n")
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, os.path.join(parent, "project", "bridge.py"), cwd=parent,
+                env={**{name: value for name, value in os.environ.items()
+                        if name != "ASSEMBLYAI_API_KEY"}, "PORT": "8080"},
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            _, err = await asyncio.wait_for(process.communicate(), 4 * TIMEOUT)
+        self.assertEqual(err, b"ASSEMBLYAI_API_KEY is not set: set it in the environment, or in "
+                              b"a .env file beside bridge.py (ASSEMBLYAI_API_KEY=your key)\n")
+
+    async def test_warning_level_still_says_where_it_listens(self):
+        """LOG_LEVEL=WARNING hides INFO lines, but not the one that says where it listens."""
+        process = await BridgeProcess.start(LOG_LEVEL="WARNING")  # waits for "listening on"
+        self.addAsyncCleanup(process.close)
+        self.assertFalse([line for line in process.lines if " INFO " in line])
+
+    async def test_port_in_use(self):
+        """A port another program holds is named, with what to do."""
+        holder = await asyncio.start_server(lambda r, w: None, None, 0)
+        self.addAsyncCleanup(holder.wait_closed)
+        self.addCleanup(holder.close)
+        port = holder.sockets[0].getsockname()[1]
+        self.assertEqual(await self.serve(ASSEMBLYAI_API_KEY="k", PORT=str(port)), (
+            1, f"cannot listen on port {port}: another program uses it "
+               "(set PORT to a free port)\n"))
+
+    async def test_start_up_log_says_what_is_off_and_why(self):
+        """Without credentials, or without TRANSFER_NUMBER, the start-up log says what is off."""
+        bridge.log_what_is_off()
+        await self.log.wait_for("TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN are not set: if the "
+                                "Voice Agent API fails, callers are hung up without a spoken "
+                                "apology, and the agent cannot transfer calls")
+        self.settings(TWILIO_AUTH_TOKEN="secret")  # the README's first step sets only this
+        bridge.log_what_is_off()
+        await self.log.wait_for("^TWILIO_ACCOUNT_SID is not set: if the Voice Agent API fails")
+        self.settings(TWILIO_ACCOUNT_SID="AC1")
+        bridge.log_what_is_off()
+        await self.log.wait_for("TRANSFER_NUMBER is not set: the agent cannot transfer calls")
 
 
 class Redeploys(BridgeTest):
@@ -2454,226 +2686,6 @@ class FileDescriptors(unittest.IsolatedAsyncioTestCase):
         self.assertLessEqual(len([line for line in process.lines if "out of file" in line]), 4)
         self.assertFalse([line for line in process.lines if "Traceback" in line])
 
-
-class OutboundCommand(unittest.IsolatedAsyncioTestCase):
-    """`python bridge.py call +1...` against a local fake of Twilio's Calls endpoint."""
-
-    CALLS = "/2010-04-01/Accounts/AC" + "0" * 32 + "/Calls.json"  # Twilio's Calls endpoint
-
-    async def asyncSetUp(self):
-        self.twilio = await FakeHTTP({self.CALLS: (201, {"sid": "CA" + "f" * 32,
-                                                         "status": "queued"})}).start()
-        self.addAsyncCleanup(self.twilio.stop)
-        self.env = dict(os.environ, TWILIO_API_URL=self.twilio.url,
-                        TWILIO_ACCOUNT_SID="AC" + "0" * 32, TWILIO_AUTH_TOKEN="secret",
-                        TWILIO_PHONE_NUMBER="+15550009999", PUBLIC_URL="https://abc.ngrok.app",
-                        ASSEMBLYAI_API_KEY="", AGENT_VOICE="", LOG_LEVEL="INFO")
-
-    async def run_bridge(self, *args, **env):
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, os.path.join(HERE, "bridge.py"), *args, cwd=HERE,
-            env={**self.env, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        out, err = await asyncio.wait_for(process.communicate(), 4 * TIMEOUT)
-        return process.returncode, out.decode(), err.decode()
-
-    async def test_call_is_created_and_its_sid_printed(self):
-        """The command POSTs the call with Basic auth and our URLs, prints the SID, exits 0."""
-        code, out, err = await self.run_bridge("call", "+15551234567")
-        self.assertEqual((code, out, err), (0, "CA" + "f" * 32 + "\n", ""))
-        request, = self.twilio.requests
-        self.assertEqual(request["headers"]["Authorization"],
-                         "Basic " + base64.b64encode(b"AC" + b"0" * 32 + b":secret").decode())
-        self.assertEqual(request["form"], {
-            "To": ["+15551234567"], "From": ["+15550009999"],
-            "Url": ["https://abc.ngrok.app/outbound-twiml"],
-            "StatusCallback": ["https://abc.ngrok.app/call-status"],
-            "StatusCallbackEvent": ["initiated", "ringing", "answered", "completed"],
-            "MachineDetection": ["DetectMessageEnd"], "AsyncAmd": ["true"],
-            "AsyncAmdStatusCallback": ["https://abc.ngrok.app/amd?From=%2B15550009999&"
-                                       "To=%2B15551234567&Direction=outbound-api"],
-            "AsyncAmdStatusCallbackMethod": ["POST"]})
-
-    async def test_call_variables_ride_on_the_webhook_url(self):
-        """name=value arguments become the query of the Url Twilio will fetch (and sign)."""
-        code, _, _ = await self.run_bridge("call", "+15551234567", "name=Ada",
-                                           "reason=your order & more", "empty=")
-        self.assertEqual(code, 0)
-        self.assertEqual(self.twilio.requests[0]["form"]["Url"], [
-            "https://abc.ngrok.app/outbound-twiml?name=Ada&reason=your+order+%26+more&empty="])
-
-    async def test_bad_arguments_exit_2_and_place_no_call(self):
-        """No =, a name that is not lowercase, a value too long, a bad number: one line, exit 2."""
-        cases = {
-            ("+15551234567", "name"): "'name' is not name=value",
-            ("+15551234567", "Name=Ada"): "'Name' is not a variable name: use lowercase "
-                                          "letters, digits and _, starting with a letter",
-            ("+15551234567", "To=+15550000000"): "'To' is not a variable name: use lowercase "
-                                                 "letters, digits and _, starting with a letter",
-            ("+15551234567", "note=" + "x" * 496): "note is too long: a name and its value must "
-                                                   "stay under 500 bytes",
-            ("5551234567", "name=Ada"): "'5551234567' is not a phone number in E.164 form "
-                                        "(+15551234567) or a sip: address",
-        }
-        for arguments, reason in cases.items():
-            with self.subTest(arguments=arguments):
-                code, out, err = await self.run_bridge("call", *arguments)
-                self.assertEqual((code, out, err), (2, "", f"cannot place a call: {reason}\n"))
-        self.assertEqual(self.twilio.requests, [])
-        self.assertEqual((await self.run_bridge("call", "+15551234567", "note=" + "x" * 495))[0],
-                         0)
-
-    async def test_missing_settings_are_named(self):
-        """Without Twilio credentials: one line naming them, non-zero exit, no traceback."""
-        code, out, err = await self.run_bridge("call", "+15551234567", TWILIO_AUTH_TOKEN="",
-                                               TWILIO_PHONE_NUMBER="")
-        self.assertEqual(code, 1)
-        self.assertEqual(err, "cannot place a call: set TWILIO_AUTH_TOKEN, TWILIO_PHONE_NUMBER "
-                              "(in the environment or .env; the number is one of your Twilio "
-                              "numbers, +15551234567)\n")
-
-    async def test_public_url_is_checked_as_when_serving(self):
-        """An http:// PUBLIC_URL would give ws:// streams Twilio refuses: no call is placed."""
-        code, out, err = await self.run_bridge("call", "+15551234567",
-                                               PUBLIC_URL="http://abc.ngrok.app")
-        self.assertEqual((code, out), (1, ""))
-        self.assertRegex(err, r"^cannot place a call: PUBLIC_URL=http://abc.ngrok.app must be "
-                              r"https://host or https://host:port, with no path")
-        self.assertEqual(self.twilio.requests, [])
-
-    async def test_twilio_errors_are_reported_plainly(self):
-        """A Twilio error answer becomes one line with its code and message."""
-        self.twilio.answers[self.CALLS] = (400, {
-            "code": 21211, "message": "Invalid 'To' Phone Number", "status": 400})
-        code, _, err = await self.run_bridge("call", "+15005550001")
-        self.assertEqual((code, err), (1, "Twilio refused the call: 21211 Invalid 'To' Phone "
-                                          "Number\n"))
-
-    async def test_bad_credentials_are_named(self):
-        """A 401 from Twilio names the two settings to check."""
-        self.twilio.answers[self.CALLS] = (401, {
-            "code": 20003, "message": "Authenticate", "status": 401})
-        code, _, err = await self.run_bridge("call", "+15551234567")
-        self.assertEqual((code, err), (1, "Twilio refused the call: 20003 Authenticate (check "
-                                          "TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN)\n"))
-
-    async def test_unreachable_twilio_is_one_line(self):
-        """If Twilio's API cannot be reached, one line says where it tried."""
-        await self.twilio.stop()
-        code, _, err = await self.run_bridge("call", "+15551234567")
-        self.assertEqual(code, 1)
-        self.assertRegex(err, r"^cannot reach Twilio at http://127\.0\.0\.1:\d+: .*\n$")
-
-    async def test_public_url_comes_from_ngrok_when_unset(self):
-        """Without PUBLIC_URL, the local ngrok agent's https tunnel is used; no tunnel, one line."""
-        ngrok = await FakeHTTP({"/api/tunnels": (200, {"tunnels": [
-            {"proto": "http", "public_url": "http://abc.ngrok.app"},
-            {"proto": "https", "public_url": "https://abc.ngrok.app"}]})}).start()
-        self.addAsyncCleanup(ngrok.stop)
-        settings = mock.patch.multiple(
-            bridge, PUBLIC_URL="", NGROK_API=ngrok.url + "/api/tunnels", PORT="8080",
-            TWILIO_API_URL=self.twilio.url, TWILIO_ACCOUNT_SID="AC" + "0" * 32,
-            TWILIO_AUTH_TOKEN="secret", TWILIO_PHONE_NUMBER="+15550009999")
-        with settings:
-            sid = await asyncio.to_thread(bridge.call_from_command_line, "+15551234567", [])
-            self.assertEqual(sid, "CA" + "f" * 32)
-            self.assertEqual(self.twilio.requests[0]["form"]["Url"],
-                             ["https://abc.ngrok.app/outbound-twiml"])
-            bridge.NGROK_API = self.twilio.url + "/no-tunnels-here"
-            with self.assertRaises(SystemExit) as failed:
-                await asyncio.to_thread(bridge.call_from_command_line, "+15551234567", [])
-        self.assertEqual(str(failed.exception), "cannot place a call: set PUBLIC_URL, or start "
-                                                "ngrok (ngrok http 8080)")
-
-
-class StartUp(unittest.IsolatedAsyncioTestCase):
-    """Start-up problems are one plain line and a non-zero exit, never a traceback."""
-
-    async def serve(self, **env) -> tuple[int, str]:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, os.path.join(HERE, "bridge.py"), cwd=HERE,
-            env=dict(os.environ, LOG_LEVEL="INFO", **env),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        _, err = await asyncio.wait_for(process.communicate(), 4 * TIMEOUT)
-        return process.returncode, err.decode()
-
-    async def test_missing_api_key(self):
-        """Serving without ASSEMBLYAI_API_KEY says what to do."""
-        self.assertEqual(await self.serve(ASSEMBLYAI_API_KEY="", PORT="8080"), (
-            1, "ASSEMBLYAI_API_KEY is not set: set it in the environment, or in a .env file "
-               "beside bridge.py (ASSEMBLYAI_API_KEY=your key)\n"))
-
-    async def test_bad_port(self):
-        """A PORT that is not a port number is named."""
-        self.assertEqual(await self.serve(ASSEMBLYAI_API_KEY="k", PORT="eighty"),
-                         (1, "PORT=eighty is not a port number (1-65535)\n"))
-
-    async def test_bad_seconds(self):
-        """A MAX_CALL_SECONDS or SILENCE_SECONDS that is not a number is named."""
-        self.assertEqual(await self.serve(ASSEMBLYAI_API_KEY="k", PORT="8080",
-                                          MAX_CALL_SECONDS="1h"),
-                         (1, "MAX_CALL_SECONDS=1h is not a number of seconds\n"))
-        self.assertEqual(await self.serve(ASSEMBLYAI_API_KEY="k", PORT="8080",
-                                          MAX_CALL_SECONDS="60", SILENCE_SECONDS="-1"),
-                         (1, "SILENCE_SECONDS=-1 is not a number of seconds\n"))
-
-    async def test_placeholder_or_quoted_keys(self):
-        """The README's placeholder, or a key pasted with quotes or spaces, is refused."""
-        self.assertEqual(await self.serve(ASSEMBLYAI_API_KEY="your-key", PORT="8080"), (
-            1, "ASSEMBLYAI_API_KEY is a placeholder: put your key from AssemblyAI's dashboard "
-               "in its place\n"))
-        for key in ('"abc123"', "abc 123", "abc123\t"):
-            self.assertEqual(await self.serve(ASSEMBLYAI_API_KEY=key, PORT="8080"), (
-                1, "ASSEMBLYAI_API_KEY has a space or a quote in it: set the key alone\n"))
-
-    async def test_public_url_is_https_host_and_port_only(self):
-        """http://, a path, or no scheme: refused with what it must be."""
-        for url in ("http://abc.ngrok.app", "https://abc.ngrok.app/bridge", "abc.ngrok.app"):
-            code, err = await self.serve(ASSEMBLYAI_API_KEY="k", PORT="8080", PUBLIC_URL=url)
-            self.assertEqual((code, err), (1, f"PUBLIC_URL={url} must be https://host or "
-                             "https://host:port, with no path: Twilio opens Media Streams at "
-                             "wss:// on that host, never at ws://\n"))
-
-    async def test_help_needs_no_settings(self):
-        """--help prints the usage and exits 0, with no settings at all."""
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, os.path.join(HERE, "bridge.py"), "--help", cwd=HERE,
-            env={"PATH": os.environ.get("PATH", "")}, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE)
-        out, err = await asyncio.wait_for(process.communicate(), 4 * TIMEOUT)
-        self.assertEqual((process.returncode, err), (0, b""))
-        self.assertIn(b"python bridge.py call +15551234567", out)
-
-    async def test_env_is_read_from_the_project_directory_only(self):
-        """A .env in a parent directory is not read: it may belong to another project."""
-        with tempfile.TemporaryDirectory() as parent:
-            os.mkdir(os.path.join(parent, "project"))
-            shutil.copy(os.path.join(HERE, "bridge.py"), os.path.join(parent, "project"))
-            with open(os.path.join(parent, ".env"), "w") as env:
-                env.write("ASSEMBLYAI_API_KEY=from-another-project\n")
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, os.path.join(parent, "project", "bridge.py"), cwd=parent,
-                env={**{name: value for name, value in os.environ.items()
-                        if name != "ASSEMBLYAI_API_KEY"}, "PORT": "8080"},
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            _, err = await asyncio.wait_for(process.communicate(), 4 * TIMEOUT)
-        self.assertEqual(err, b"ASSEMBLYAI_API_KEY is not set: set it in the environment, or in "
-                              b"a .env file beside bridge.py (ASSEMBLYAI_API_KEY=your key)\n")
-
-    async def test_warning_level_still_says_where_it_listens(self):
-        """LOG_LEVEL=WARNING hides INFO lines, but not the one that says where it listens."""
-        process = await BridgeProcess.start(LOG_LEVEL="WARNING")  # waits for "listening on"
-        self.addAsyncCleanup(process.close)
-        self.assertFalse([line for line in process.lines if " INFO " in line])
-
-    async def test_port_in_use(self):
-        """A port another program holds is named, with what to do."""
-        holder = await asyncio.start_server(lambda r, w: None, None, 0)
-        self.addAsyncCleanup(holder.wait_closed)
-        self.addCleanup(holder.close)
-        port = holder.sockets[0].getsockname()[1]
-        self.assertEqual(await self.serve(ASSEMBLYAI_API_KEY="k", PORT=str(port)), (
-            1, f"cannot listen on port {port}: another program uses it "
-               "(set PORT to a free port)\n"))
 
 
 # --------------------------------------------------------------------------- the benchmark
