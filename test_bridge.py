@@ -5,12 +5,14 @@ webhooks); the Voice Agent API by a real local WebSocket server that each test s
 Twilio's REST API and the ngrok agent by a small local HTTP server. Run: python -m unittest -v
 """
 
+import argparse
 import asyncio
 import base64
 import contextlib
 import hashlib
 import hmac
 import http.client
+import io
 import json
 import logging
 import math
@@ -40,6 +42,10 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 import bridge
 
 TIMEOUT = 5  # seconds any one expected event may take
+# IsolatedAsyncioTestCase runs asyncio in debug mode, which warns of every callback slower than
+# 0.1 s ("Executing <Task ...> took 0.130 seconds"): a loaded machine's noise, not a test's.
+logging.getLogger("asyncio").addFilter(lambda record: not record.getMessage().startswith(
+    "Executing "))
 CALL_SID = "CA" + "1" * 32  # the test call's Twilio CallSid, unless a test names another
 # The default agent's system prompt, as sent: its own, then each offered tool's guidance and
 # the keypad's (a custom prompt keeps them), then the call's facts, if any.
@@ -1217,6 +1223,9 @@ class Agents(BridgeTest):
                 "AGENTS['+15552223333']: keyterms must be a list of strings",
             '"+15552223333": {"greeting": ["Hi"]}':
                 "AGENTS['+15552223333']: greeting must be a string or a tuple of strings",
+            '"+15552223333": {"voice": "Jane"}':
+                "AGENTS['+15552223333']: voice 'Jane' has capitals (check AGENT_VOICE, or the "
+                "voice in AGENTS: names are lowercase)",
             '"+15552223333": {"transfers": {"sales": "555-1234"}}':
                 "AGENTS['+15552223333']: transfers: '555-1234' is not a +E.164 number or a sip: "
                 "address",
@@ -1502,6 +1511,23 @@ class OutboundCommand(unittest.IsolatedAsyncioTestCase):
                 await asyncio.to_thread(bridge.call_from_command_line, "+15551234567", [])
         self.assertEqual(str(failed.exception), "cannot place a call: set PUBLIC_URL, or start "
                                                 "ngrok (ngrok http 8080)")
+
+    async def test_ngrok_forwarding_to_another_port_is_refused(self):
+        """ngrok forwards to 3000 but the bridge listens on 8080: no call, one line naming both."""
+        ngrok = await FakeHTTP({"/api/tunnels": (200, {"tunnels": [
+            {"proto": "https", "public_url": "https://abc.ngrok.app",
+             "config": {"addr": "http://localhost:3000"}}]})}).start()
+        self.addAsyncCleanup(ngrok.stop)
+        settings = mock.patch.multiple(
+            bridge, PUBLIC_URL="", NGROK_API=ngrok.url + "/api/tunnels", PORT="8080",
+            TWILIO_API_URL=self.twilio.url, TWILIO_ACCOUNT_SID="AC" + "0" * 32,
+            TWILIO_AUTH_TOKEN="secret", TWILIO_PHONE_NUMBER="+15550009999")
+        with settings, self.assertRaises(SystemExit) as failed:
+            await asyncio.to_thread(bridge.call_from_command_line, "+15551234567", [])
+        self.assertEqual(str(failed.exception), "cannot place a call: ngrok forwards to port "
+                                                "3000, but the bridge listens on PORT=8080: run "
+                                                "ngrok http 8080")
+        self.assertEqual(self.twilio.requests, [])
 
 
 class Voicemail(BridgeTest):
@@ -1815,10 +1841,13 @@ class CallsAPI(BridgeTest):
                       PUBLIC_URL="https://abc.ngrok.app")
 
     async def post(self, token: str | None = "app-token", form: dict | None = None,
-                   data: object = None, method: str = "POST") -> tuple[int, object]:
-        """Call the API as an application would: a form, or JSON, with a bearer token."""
+                   data: object = None, method: str = "POST",
+                   body: str | None = None) -> tuple[int, object]:
+        """Call the API as an application would: a form (or a body as written), or JSON, with
+        a bearer token."""
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        body = None
+        if body is not None:
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
         if data is not None:
             headers["Content-Type"], body = "application/json", json.dumps(data)
         status, kind, text = await self.http(method, "/calls", form=form, body=body,
@@ -1863,6 +1892,9 @@ class CallsAPI(BridgeTest):
             ({"data": {"to": "+15550001111", "count": 3}},
              "count must be text, without control characters"),
             ({"data": ["+15550001111"]}, "send a JSON object or a form"),
+            ({"body": "to=+15550001111"}, "' 15550001111' is not a phone number in E.164 form "
+                                          "(+15551234567) or a sip: address (a + in a form must "
+                                          "be URL-encoded as %2B, as curl --data-urlencode does)"),
         ]
         for request, reason in cases:
             with self.subTest(request=request):
@@ -1877,6 +1909,9 @@ class CallsAPI(BridgeTest):
         self.assertEqual(await self.post(form={"to": "+15550001111"}), (502, {
             "error": "Twilio refused the call", "code": 21215,
             "message": "Geo permission configuration is not permitting call"}))
+        await self.log.wait_for(r"^the calls API could not place a call to \+15550001111: Twilio "
+                                "refused it: 21215 Geo permission configuration is not "
+                                "permitting call$")
 
 
 # =========================================================== Part 3: running it
@@ -2518,12 +2553,36 @@ class StartUp(BridgeTest):
 
     async def test_placeholder_or_quoted_keys(self):
         """The README's placeholder, or a key pasted with quotes or spaces, is refused."""
-        self.assertEqual(await self.serve(ASSEMBLYAI_API_KEY="your-key", PORT="8080"), (
-            1, "ASSEMBLYAI_API_KEY is a placeholder: put your key from AssemblyAI's dashboard "
-               "in its place\n"))
+        for key in ("your-key", "YOUR_API_KEY", "your-assemblyai-api-key", "<your-key>"):
+            self.assertEqual(await self.serve(ASSEMBLYAI_API_KEY=key, PORT="8080"), (
+                1, "ASSEMBLYAI_API_KEY is a placeholder: put your key from AssemblyAI's "
+                   "dashboard in its place\n"))
         for key in ('"abc123"', "abc 123", "abc123\t"):
             self.assertEqual(await self.serve(ASSEMBLYAI_API_KEY=key, PORT="8080"), (
                 1, "ASSEMBLYAI_API_KEY has a space or a quote in it: set the key alone\n"))
+
+    async def test_a_voice_with_capitals_is_refused(self):
+        """AGENT_VOICE=Jane would fail every call: refused at start-up, with the hint."""
+        self.assertEqual(await self.serve(ASSEMBLYAI_API_KEY="k", PORT="8080", AGENT_VOICE="Jane"), (
+            1, "AGENTS['default']: voice 'Jane' has capitals (check AGENT_VOICE, or the voice in "
+               "AGENTS: names are lowercase)\n"))
+
+    async def test_record_calls_takes_the_usual_spellings_and_says_if_it_is_on(self):
+        """RECORD_CALLS=yes or 1 is on, 0 is off, and the start-up lines say which; "maybe" is
+        refused."""
+        self.assertEqual(await self.serve(ASSEMBLYAI_API_KEY="k", PORT="8080",
+                                          RECORD_CALLS="maybe"),
+                         (1, "RECORD_CALLS=maybe is neither true nor false\n"))
+        for value, line in (("yes", "RECORD_CALLS is on, but recording needs TWILIO_ACCOUNT_SID "
+                                    "and TWILIO_AUTH_TOKEN: calls are not recorded"),
+                            ("1", "RECORD_CALLS is on: Twilio records every call"),
+                            ("0", r"calls are not recorded \(RECORD_CALLS=true records them\)")):
+            with self.subTest(RECORD_CALLS=value):
+                credentials = {"TWILIO_ACCOUNT_SID": "AC1", "TWILIO_AUTH_TOKEN": "t"} \
+                    if value == "1" else {}
+                process = await BridgeProcess.start(RECORD_CALLS=value, **credentials)
+                self.addAsyncCleanup(process.close)
+                await process.wait_for(line)
 
     async def test_public_url_is_https_host_and_port_only(self):
         """http://, a path, or no scheme: refused with what it must be."""
@@ -2688,6 +2747,18 @@ class FileDescriptors(unittest.IsolatedAsyncioTestCase):
 
 
 
+class BenchmarkOptions(unittest.TestCase):
+    """python test_bridge.py bench takes its options as --calls 5 or --calls=5, and no others."""
+
+    def test_both_spellings_and_a_mistake(self):
+        """--calls=5 and --seconds 2 are read; --call=5 is an error, not the defaults."""
+        options = bench_options(["--calls=5", "--seconds", "2"])
+        self.assertEqual((options.calls, options.seconds), (5, 2.0))
+        with contextlib.redirect_stderr(io.StringIO()) as err, self.assertRaises(SystemExit):
+            bench_options(["--call=5"])
+        self.assertIn("unrecognized arguments: --call=5", err.getvalue())
+
+
 # --------------------------------------------------------------------------- the benchmark
 # python test_bridge.py bench [--calls 100] [--seconds 10]: simulated calls through bridge.py,
 # then through the least a websockets bridge can do, on this machine, in one run. Not a test.
@@ -2841,13 +2912,21 @@ async def bench(calls: int, seconds: float) -> None:
           f"{'met' if met else 'MISSED'}")
 
 
+def bench_options(argv: list[str]) -> argparse.Namespace:
+    """The benchmark's options: --calls N and --seconds S, either as two words or with =."""
+    parser = argparse.ArgumentParser(prog="python test_bridge.py bench", allow_abbrev=False)
+    parser.add_argument("--calls", type=int, default=100, help="simulated calls at once")
+    parser.add_argument("--seconds", type=float, default=10, help="how long each call lasts")
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str]) -> None:
     """Run the tests; or `bench [--calls N] [--seconds S]`; or `relay` (for the benchmark)."""
     if argv[:1] == ["relay"]:
         asyncio.run(minimal_relay(int(os.environ["PORT"]), os.environ["VOICE_AGENT_URL"]))
     elif argv[:1] == ["bench"]:
-        options = dict(zip(argv[1::2], argv[2::2]))
-        asyncio.run(bench(int(options.get("--calls", 100)), float(options.get("--seconds", 10))))
+        options = bench_options(argv[1:])
+        asyncio.run(bench(options.calls, options.seconds))
     else:
         unittest.main()
 
