@@ -13,6 +13,8 @@ Settings come from the environment, or from a .env file beside this one: ASSEMBL
 is the one you need; the settings block below names the rest, and README.md explains them.
 """
 
+from __future__ import annotations  # a type may be named before the chapter that defines it
+
 import asyncio
 import base64
 import errno
@@ -48,19 +50,18 @@ load_dotenv(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env"))  #
 
 
 # ======================================================================== Part 1: a call, end to end
-# Everything one phone call needs, in the order it happens: the settings and the agent you
-# edit, the webhook Twilio asks when a call comes in, the Media Stream and the agent session it
-# opens, audio both ways with barge-in, tool calls, and the hang-up once the goodbye is heard.
-# Where a feature of Part 2 acts inside this code, one line calls it, and a comment says so.
+# One phone call, in the order it happens: the settings and the agent you edit; the webhook
+# Twilio asks when a call comes in; the Media Stream and the agent session it opens; audio both
+# ways, with barge-in; tool calls; the hang-up once the goodbye has been heard. Where a feature
+# of Part 2 or 3 acts inside this code, one line calls it by name, and says which part it is in.
 
 # ------------------------------------------------------------------------------------ settings
-# Each comes from the environment (or .env). Numbers are read here, once; a value that is not
-# one is named by check_settings (Part 3) before the server starts.
-unreadable: list[str] = []  # "NAME=value is not ...", one per setting that cannot be read
+# From the environment, or .env. A number that is not one is named at start-up (Part 3).
+unreadable: list[str] = []  # "NAME=value is not ...", for each setting that cannot be read
 
 
 def seconds(name: str, default: float) -> float:
-    """A setting in seconds, from the environment."""
+    """A setting in seconds."""
     text = os.environ.get(name) or str(default)
     if re.fullmatch(r"\d+(\.\d*)?", text):
         return float(text)
@@ -69,7 +70,7 @@ def seconds(name: str, default: float) -> float:
 
 
 def switch(name: str) -> bool:
-    """A setting that is on or off: true, 1, yes or on; false, 0, no, off or unset."""
+    """A setting that is on (true, 1, yes, on) or off (false, 0, no, off, unset)."""
     text = os.environ.get(name, "").strip().lower()
     if text not in ("true", "1", "yes", "on", "false", "0", "no", "off", ""):
         unreadable.append(f"{name}={text} is neither true nor false")
@@ -109,16 +110,6 @@ def generate_random_number(min: int, max: int) -> int:
     return random.randint(min, max)
 
 
-# A stand-in for your CRM, for look_up_caller.
-CUSTOMERS = {"+15550001111": {"name": "Ada Lovelace", "open_orders": ["A-1001, ships Friday"]}}
-
-
-def look_up_caller(call: dict) -> dict:
-    """Find the customer on the line by their phone number, from the call's facts."""
-    _, theirs = numbers(call)  # Part 2, call facts: whose number is whose
-    return CUSTOMERS.get(theirs) or {"found": False, "number": theirs}
-
-
 async def end_call() -> str:
     """Agree to hang up; the bridge does it once the agent's goodbye has played."""
     return "The call ends after your next sentence: say a short goodbye now."
@@ -126,10 +117,9 @@ async def end_call() -> str:
 
 # Tools the agent may call: name -> what the model reads, and the function that runs, plain or
 # async, with the model's arguments as keywords (and the call's facts as `call`, if it has that
-# parameter). It returns anything JSON can encode; what it raises is reported to the agent as a
-# failed call. "guidance": a line for the system prompt, sent only with the tool. "then": what
-# the bridge does once the reply to the result has played. "offered": a test of the agent's
-# entry, for a tool that only some calls can use. Part 2's chapters add their own tools.
+# parameter: see look_up_caller, Part 2). It returns anything JSON can encode; what it raises,
+# the agent is told. Optional: "guidance", a line for the prompt; "then", what the bridge does
+# once the agent's reply to the result has been heard; "offered", a test of the agent's entry.
 TOOLS = {
     "generate_random_number": {
         "description": "Generate a random whole number between min and max, inclusive.",
@@ -138,13 +128,6 @@ TOOLS = {
             "max": {"type": "integer", "description": "The largest allowed number."}}},
         "function": generate_random_number,
         "guidance": "If the caller asks for a random number, use generate_random_number.",
-    },
-    "look_up_caller": {
-        "description": "Look up the customer on this call (name, open orders) by their phone "
-                       "number. Use it when they ask about their account or an order.",
-        "parameters": {"type": "object", "properties": {}},
-        "function": look_up_caller,
-        "guidance": "If the caller asks about their account or an order, use look_up_caller.",
     },
     "end_call": {
         "description": "Hang up the phone call, when the caller says goodbye or is done. "
@@ -172,14 +155,12 @@ AGENTS = {
                       "Hi, this is your AI assistant. Sorry we missed you: please call us back. "
                       "Goodbye."),
         "voice": AGENT_VOICE,  # "" for the server's default voice
-        "tools": ["generate_random_number", "look_up_caller", "end_call"],  # + Part 2's
+        "tools": ["generate_random_number", "end_call"],  # and those Part 2 adds
         "keyterms": [],  # words the speech recognizer should expect: names, products
         "transfers": {},  # name -> +E.164 number or sip: address; none: TRANSFER_NUMBER
     },
 }
-
-# What every agent is told, after its own prompt, about the features Part 2 gives it.
-GUIDANCE: list[str] = []
+GUIDANCE: list[str] = []  # what every agent is told of Part 2's features, after its prompt
 
 
 def agent_for(number: str) -> dict:
@@ -200,9 +181,9 @@ def system_prompt(agent: dict, facts: dict) -> str:
 
 
 # ------------------------------------------------------------------------ answering the webhook
-# A call comes in: Twilio POSTs its fields to /twiml, and we answer with TwiML that connects
-# the call to our Media Stream, with the call's facts as <Parameter>s: they come back in the
-# stream's `start` message, so no server keeps them in memory.
+# A call comes in: Twilio POSTs its fields to /twiml, and gets TwiML that connects the call to
+# our Media Stream, with the call's facts as <Parameter>s. They come back in the stream's
+# `start` message, so no server has to keep them.
 
 # Every Media Stream runs the same code; the path the TwiML points at picks how it begins:
 # which of the agent's greetings it opens with ("greeting"), or what the agent is asked to say
@@ -226,29 +207,6 @@ def connect_twiml(stream_url: str, facts: dict) -> str:
     return twiml(f"<Connect>{stream}</Connect><Hangup/>")
 
 
-@dataclass
-class Webhook:
-    """One plain HTTP request, its path and query parsed once: what every handler gets."""
-
-    connection: ServerConnection
-    request: Request
-    path: str
-    query: dict  # the URL's query string: our own data, which Twilio signs
-    form: dict  # Twilio's fields: a POST's form body, or a GET's query
-
-    def answer(self, status: int, body: str, content_type: str = "text/plain") -> Response:
-        """An HTTP response with this body and content type."""
-        response = self.connection.respond(status, body)
-        del response.headers["Content-Type"]  # respond() sets text/plain; assigning adds a copy
-        response.headers["Content-Type"] = content_type
-        return response
-
-    @property
-    def log(self) -> logging.LoggerAdapter:
-        """The log, each line tagged with the CallSid of the call this request is about."""
-        return CallLog(log, {"call_sid": self.form.get("CallSid", "?")})
-
-
 def public_base_url(request: Request) -> str | None:
     """The https URL Twilio reaches this server at: PUBLIC_URL, else the request's Host."""
     if PUBLIC_URL:
@@ -264,12 +222,11 @@ def stream_twiml(hook: Webhook, stream: str) -> str | None:
     if base is None:
         return None
     facts, cut = call_facts({**hook.query, **hook.form}, hook.query)  # Part 2: call facts
-    logger = CallLog(log, {"call_sid": facts.get("CallSid", "?")})
-    logger.info("%s call from %s to %s, to %s", facts.get("Direction", "incoming"),
-                facts.get("From", "?"), facts.get("To", "?"), stream)
+    hook.log.info("%s call from %s to %s, to %s", facts.get("Direction", "incoming"),
+                  facts.get("From", "?"), facts.get("To", "?"), stream)
     if cut:
-        logger.warning("cut %s to fit Twilio's limit of 500 characters per <Parameter>",
-                       ", ".join(cut))
+        hook.log.warning("cut %s to fit Twilio's limit of 500 characters per <Parameter>",
+                         ", ".join(cut))
     expect_stream(facts.get("CallSid", ""))  # Part 3: a drain waits for its stream
     return connect_twiml("wss" + base.removeprefix("https") + stream, facts)
 
@@ -282,27 +239,20 @@ def answer_call(hook: Webhook, stream: str = "/stream") -> Response:
     return hook.answer(200, document, "text/xml")
 
 
-# The plain HTTP requests this server answers: path -> handler(hook), which process_request
-# (Part 3) calls with the request parsed. Part 2 and 3 add theirs.
+# The plain HTTP requests this server answers: path -> handler(hook), where hook is the
+# request, parsed (process_request and Webhook, Part 3). Parts 2 and 3 add their own.
 WEBHOOKS = {
     "/twiml": answer_call,
 }
 
 
-# ---------------------------------------------------------------- the stream and the agent session
+# ------------------------------------------------------------- the stream and the agent session
 # Twilio opens the Media Stream and sends `start`. The bridge opens a WebSocket to the Voice
 # Agent API and sends session.update: who the agent is, its tools, mu-law audio both ways. The
 # agent answers session.ready and speaks its greeting; from then on, audio flows both ways.
 
 START_TIMEOUT = 10  # seconds for Twilio's `start` message after the stream opens
 AGENT_OPEN_TIMEOUT = 5  # seconds to open the Voice Agent API WebSocket, each try
-
-
-class CallLog(logging.LoggerAdapter):
-    """Tag every line with the CallSid it belongs to: an argument, never part of the format."""
-
-    def log(self, level, msg, *args, **kwargs):
-        super().log(level, "[%s] " + msg, self.extra["call_sid"], *args, **kwargs)
 
 
 @dataclass
@@ -326,30 +276,26 @@ class Call:
     replying: bool = False  # the agent is speaking, or about to (its greeting, a reply.create)
     interrupted: set[str] = field(default_factory=set)  # replies whose late audio we drop
     last_event: str = ""  # latest of reply.started, input.speech.started, reply.done
-    # tool.result and reply.create messages waiting for their turn, each with its "then"
-    results: list[tuple[str, str | None, dict]] = field(default_factory=list)
-    steers: list[tuple[str, str | None]] = field(default_factory=list)
+    results: list[tuple[str, str | None, dict]] = field(default_factory=list)  # and its "then"
     tools_running: int = 0
     marks: dict[str, asyncio.Future] = field(default_factory=dict)  # sent, not yet played
-    playing: int = 0  # sounds the bridge plays itself (key tones): speech never clears them
     last_words: asyncio.Queue | None = None  # turn events, while the last words play
     timers: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
     tasks: set[asyncio.Task] = field(default_factory=set)  # tools and waits still running
     over: asyncio.Event = field(default_factory=asyncio.Event)  # set to end the call
     ending: str = ""  # how the call ended: a key of ENDINGS
     started: float = field(default_factory=time.monotonic)
-    counts: Counter = field(default_factory=Counter)  # for the summary line: see SUMMARY
+    counts: Counter = field(default_factory=Counter)  # what the summary line counts
     stopped_talking: float = 0  # when the caller last stopped talking, until a reply starts
     answering: float = 0  # the same, for the reply now starting, until its first audio
     responses: list[float] = field(default_factory=list)  # seconds the caller waited, each turn
-    error: str = ""  # the latest session.error code on the current agent connection (Part 3)
-    drops: int = 0  # agent connections in a row that closed before they were ready (Part 3)
-    # Part 2's features keep their state under their own names, defined in their chapters.
-    keypad: "Keypad" = field(default_factory=lambda: Keypad())
-    silence: "Silence" = field(default_factory=lambda: Silence())
+    # Parts 2 and 3 keep their state here, each under its chapter's name.
+    steering: Steering = field(default_factory=lambda: Steering())
+    silence: Silence = field(default_factory=lambda: Silence())
+    retries: Retries = field(default_factory=lambda: Retries())
 
     def __post_init__(self):
-        self.log = CallLog(log, {"call_sid": self.sid})
+        self.log = CallLog(log, {"call_sid": self.sid})  # Part 3: escaped, tagged lines
 
 
 def start(call: Call, coroutine) -> None:
@@ -372,15 +318,15 @@ async def media_stream(twilio: ServerConnection) -> None:
     details = await wait_for_start(twilio)
     if details is None:
         return
-    if problem := start_problem(details):  # Part 3: ids off the wire are checked
+    if problem := start_problem(details):  # Part 3: ids off the wire are checked first
         log.warning("refusing a Media Stream: %s", problem)
         return
     call = new_call(twilio, details)
     call.log.info("call connected on %s", twilio.request.path)
     call_began(call)  # Part 3: /metrics and a drain count it as live
-    start_recording(call)  # Part 2: recording, if RECORD_CALLS is on
+    start_recording(call)  # Part 2: if RECORD_CALLS is on
     try:
-        if hears_mulaw(call, details) and await connect_agent(call, FIRST_TRIES):
+        if hears_mulaw(call, details) and await connect_agent(call):  # Part 3: with retries
             await converse(call)
         else:
             await apologize(call)  # Part 2: Twilio says sorry in its own voice
@@ -423,15 +369,14 @@ def new_call(twilio: ServerConnection, start: dict) -> Call:
     parameters = start.get("customParameters")
     parameters = parameters if isinstance(parameters, dict) else {}
     facts, _ = call_facts(parameters, parameters)  # bounded, as the webhook bounded them
-    ours, _ = numbers(facts)
-    persona = agent_for(ours)
+    persona = agent_for(numbers(facts)[0])
     greetings = persona[stream["greeting"]] if "greeting" in stream else ""
     call = Call(sid=start["callSid"], stream_sid=start["streamSid"], twilio=twilio, stream=stream,
                 persona=persona, facts=facts, greeting=fill(greetings, facts))
     if call.greeting is None and greetings:
         call.log.warning("no greeting: the call lacks the facts its %s needs", stream["greeting"])
     if instructions := fill(stream.get("steer", ""), facts):
-        steer(call, instructions)  # said first, once the session is ready
+        steer(call, instructions)  # Part 2: said first, once the session is ready
     return call
 
 
@@ -439,10 +384,9 @@ async def open_session(call: Call) -> None:
     """Connect to the Voice Agent API and start the call's session, or resume a dropped one."""
     call.agent = await connect(VOICE_AGENT_URL, compression=None, open_timeout=AGENT_OPEN_TIMEOUT,
                                additional_headers={"Authorization": f"Bearer {ASSEMBLYAI_API_KEY}"})
-    call.error = ""
     set_timer(call, "ready", READY_TIMEOUT, not_ready)  # Part 3: an agent that never gets ready
     if call.session_id:
-        first = session_resume(call)
+        first = {"type": "session.resume", "session_id": call.session_id}
     else:
         first = session_update(call)
         call.replying = bool(call.greeting)  # until the greeting is done, nothing interrupts
@@ -471,11 +415,6 @@ def session_update(call: Call) -> dict:
     return {"type": "session.update", "session": session}
 
 
-def session_resume(call: Call) -> dict:
-    """The first message on a new connection that picks up a dropped session where it was."""
-    return {"type": "session.resume", "session_id": call.session_id}
-
-
 async def on_session_ready(call: Call, event: dict) -> None:
     set_timer(call, "ready", 0, None)
     resumed = bool(call.session_id) and event.get("session_id") == call.session_id
@@ -488,9 +427,9 @@ async def on_session_ready(call: Call, event: dict) -> None:
 
 
 # ---------------------------------------------------------------------------- audio both ways
-# One coroutine per direction, each handing every event from its side to a handler. The two
-# audio messages go out 50 times a second each way on every call, so they are put together
-# around the payload (escaped by json.dumps) instead of encoding a whole dict: five times faster.
+# One coroutine per direction, each handing every event from its side to a handler; whichever
+# ends first ends the call. The audio messages go out 50 times a second each way, so they are
+# put together around the payload instead of encoding a whole dict: five times faster.
 
 
 def agent_audio(payload: str) -> str:
@@ -502,16 +441,6 @@ def twilio_media(stream_sid: str, payload: str) -> str:
     """A Twilio media message carrying the agent's base64 mu-law exactly as it arrived."""
     return ('{"event": "media", "streamSid": ' + json.dumps(stream_sid)
             + ', "media": {"payload": ' + json.dumps(payload) + "}}")
-
-
-def twilio_clear(stream_sid: str) -> str:
-    """A Twilio clear message: drop the agent audio Twilio has buffered but not yet played."""
-    return json.dumps({"event": "clear", "streamSid": stream_sid})
-
-
-def twilio_mark(stream_sid: str, name: str) -> str:
-    """A Twilio mark message: Twilio echoes it once all audio sent before it has played."""
-    return json.dumps({"event": "mark", "streamSid": stream_sid, "mark": {"name": name}})
 
 
 async def converse(call: Call) -> None:
@@ -561,8 +490,7 @@ async def relay(call: Call, source, handlers: dict, key: str, sender: str) -> No
                 # The agent's events grow in number over time and we use only some: skip the
                 # rest. Twilio's are few and fixed: any other one is a mistake worth a line.
                 if event is None or sender == "Twilio" or not isinstance(kind, str):
-                    note_malformed(call, sender, repr(message[:80]) if event is None
-                                   else f"unknown event {str(kind)[:80]!r}")
+                    malformed(call, sender, message, kind)  # Part 3: counted, logged once
                 continue
             if tracing and kind not in ("media", "reply.audio"):
                 call.log.debug("got %.300r", event)
@@ -572,7 +500,7 @@ async def relay(call: Call, source, handlers: dict, key: str, sender: str) -> No
             except ConnectionClosed:
                 pass  # the other side's socket closed: its own relay deals with that
             except (KeyError, TypeError, AttributeError, ValueError) as exc:
-                note_malformed(call, sender, f"{kind}: {type(exc).__name__} {exc}")
+                malformed(call, sender, message, kind, exc)
 
 
 # --- Twilio -> agent. A handler returns True when its side has ended the call.
@@ -588,7 +516,7 @@ async def on_media(call: Call, event: dict) -> None:
 
 
 async def on_mark(call: Call, event: dict) -> None:
-    # Twilio has played all the audio sent before this mark (after a clear, it never comes).
+    # Twilio has played all the audio sent before this mark (see send_mark).
     if (heard := call.marks.pop(event["mark"]["name"], None)) and not heard.done():
         heard.set_result(True)
 
@@ -612,7 +540,7 @@ async def on_reply_started(call: Call, event: dict) -> None:
     call.replying = True
     call.answering, call.stopped_talking = call.stopped_talking, 0  # timed to its first audio
     set_timer(call, "reply", 0, None)
-    hold_silence(call)  # Part 2: the agent is talking, that is no silence
+    hold_silence(call)  # Part 2: the agent is talking, so the caller's silence does not count
     note_turn(call, "reply.started")
 
 
@@ -629,11 +557,11 @@ async def on_reply_audio(call: Call, event: dict) -> None:
 
 
 async def on_speech_started(call: Call, event: dict) -> None:
-    # The caller started talking: stop the agent's voice at once rather than let Twilio play
-    # out what it has buffered. If this was only an "uh-huh", the reply's next audio follows.
+    # Barge-in: the caller started talking, so stop the agent's voice at once rather than let
+    # Twilio play out what it has buffered. If it was only an "uh-huh", the reply goes on.
     call.last_event, call.stopped_talking = "input.speech.started", 0
     caller_active(call)  # Part 2: the caller is there, so any silence starts over
-    if not call.playing:  # never cut the bridge's own sounds: a phone menu talks over them
+    if not tones_playing(call):  # Part 2: never cut the key tones the bridge plays
         await clear(call)
 
 
@@ -644,7 +572,7 @@ async def on_speech_stopped(call: Call, event: dict) -> None:
 
 async def on_reply_done(call: Call, event: dict) -> None:
     call.last_event, call.replying = "reply.done", False
-    if event.get("status") == "interrupted":  # barge-in: the caller talked over the reply
+    if event.get("status") == "interrupted":  # the caller talked over the reply
         call.counts["barge-ins"] += 1
         call.interrupted.add(event.get("reply_id") or call.reply_id)
         await clear(call)
@@ -670,25 +598,22 @@ async def clear(call: Call) -> None:
         if not heard.done():
             heard.set_result(False)  # Twilio echoes the mark all the same: it was not heard
     call.marks.clear()
-    await call.twilio.send(twilio_clear(call.stream_sid))
+    await call.twilio.send(json.dumps({"event": "clear", "streamSid": call.stream_sid}))
 
 
 async def send_mark(call: Call, name: str) -> asyncio.Future:
-    """Mark the audio sent so far; the future is True once it has all played, False if a
-    clear dropped some of it. The one way the bridge learns what the caller has heard."""
-    heard = asyncio.get_running_loop().create_future()
-    call.marks[name] = heard
-    await call.twilio.send(twilio_mark(call.stream_sid, name))
+    """Mark the audio sent so far. The future is True once Twilio has played it all, False
+    if a clear dropped it: the one way the bridge learns what the caller has heard."""
+    heard = call.marks[name] = asyncio.get_running_loop().create_future()
+    await call.twilio.send(json.dumps({"event": "mark", "streamSid": call.stream_sid,
+                                       "mark": {"name": name}}))
     return heard
 
 
-async def on_transcript_user(call: Call, event: dict) -> None:
-    call.log.info("caller: %s", event.get("text", ""))
-
-
-async def on_transcript_agent(call: Call, event: dict) -> None:
+async def on_transcript(call: Call, event: dict) -> None:
+    who = "caller" if event["type"] == "transcript.user" else "agent"
     cut = " [interrupted]" if event.get("interrupted") else ""
-    call.log.info("agent: %s%s", event.get("text", ""), cut)
+    call.log.info("%s: %s%s", who, event.get("text", ""), cut)
 
 
 async def on_session_ended(call: Call, event: dict) -> bool:
@@ -703,7 +628,6 @@ async def on_session_ended(call: Call, event: dict) -> bool:
 # flowing, and answers with tool.result under the Voice Agent API's timing rule (send_waiting).
 
 TOOL_TIMEOUT = 30  # seconds a tool may take before the agent gets an error result
-REPLY_WAIT = 5  # seconds for the agent to start a reply the bridge asked for
 
 
 def tool_result(call_id: str, result: object, is_error: bool = False) -> str:
@@ -713,7 +637,6 @@ def tool_result(call_id: str, result: object, is_error: bool = False) -> str:
 
 
 async def on_tool_call(call: Call, event: dict) -> None:
-    # Run the tool in its own task so that audio keeps flowing both ways while it works.
     call.counts["tool calls"] += 1
     call.tools_running += 1
     hold_silence(call)  # Part 2: the caller waits for the tool, that is no silence
@@ -782,18 +705,19 @@ AGENT_EVENTS = {  # Part 3 adds the session's errors
     "input.speech.stopped": on_speech_stopped,
     "reply.done": on_reply_done,
     "reply.error": on_reply_error,
-    "transcript.user": on_transcript_user,
-    "transcript.agent": on_transcript_agent,
+    "transcript.user": on_transcript,
+    "transcript.agent": on_transcript,
     "tool.call": on_tool_call,
     "session.ended": on_session_ended,
 }
 
 
-# ------------------------------------------------------------- hanging up after the goodbye
+# --------------------------------------------------------------- hanging up after the goodbye
 # end_call's result is sent; the agent says goodbye; Twilio plays it; only then does the call
-# end. Twilio echoes a mark once all the audio sent before it has played, to the last syllable.
-# A clear (the caller spoke) drops that audio instead: then the call goes on.
+# end, when Twilio echoes a mark sent after the goodbye's audio. If the caller speaks over it,
+# a clear drops that audio instead, and the call goes on.
 
+REPLY_WAIT = 5  # seconds for the agent to start a reply the bridge is waiting for
 LAST_WORDS_TIMEOUT = 30  # seconds for those last words to finish (reply.done), at most
 MARK_TIMEOUT = 10  # seconds for Twilio to say the last words have played before acting anyway
 
@@ -805,6 +729,7 @@ ENDINGS = {  # Part 2's chapters add their own
     "time_limit": "MAX_CALL_SECONDS",
     "stream_closed": "the stream closed",
 }
+
 
 class CallGoesOn(Exception):
     """The caller spoke over the agent's last words: the hang-up or transfer is off."""
@@ -878,10 +803,8 @@ async def finish(call: Call) -> None:
                 await call.agent.send(json.dumps({"type": "session.end"}))
     if call.agent is not None:
         await call.agent.close()
-    call.log.info("%s", summary(call))
+    call.log.info("%s", summary(call))  # Part 3
     count_ended(call)  # Part 3: /metrics
-
-
 
 
 # ======================================================================== Part 2: the phone network
@@ -1056,6 +979,27 @@ def as_data(text: str) -> str:
     return json.dumps(text, ensure_ascii=False).replace("<", "\\u003c")
 
 
+# A tool can take the call's facts too, which the model cannot forge: look_up_caller finds the
+# customer by the caller's number. CUSTOMERS stands in for your CRM.
+CUSTOMERS = {"+15550001111": {"name": "Ada Lovelace", "open_orders": ["A-1001, ships Friday"]}}
+
+
+def look_up_caller(call: dict) -> dict:
+    """Find the customer on the line by their phone number, from the call's facts."""
+    _, theirs = numbers(call)
+    return CUSTOMERS.get(theirs) or {"found": False, "number": theirs}
+
+
+TOOLS["look_up_caller"] = {
+    "description": "Look up the customer on this call (name, open orders) by their phone "
+                   "number. Use it when they ask about their account or an order.",
+    "parameters": {"type": "object", "properties": {}},
+    "function": look_up_caller,
+    "guidance": "If the caller asks about their account or an order, use look_up_caller.",
+}
+AGENTS["default"]["tools"].append("look_up_caller")
+
+
 
 # ------------------------------------------------------------- per-number agents and their checks
 # AGENTS (Part 1) is checked when the server starts, so that a typo stops it with one line
@@ -1133,14 +1077,14 @@ def reply_create(instructions: str) -> str:
 
 def steer(call: Call, instructions: str, then: str | None = None) -> None:
     """Have the agent reply, steered by instructions, as soon as it is not speaking."""
-    call.steers.append((reply_create(instructions), then))
+    call.steering.waiting.append((reply_create(instructions), then))
     start(call, send_waiting(call))
 
 
 async def send_steers(call: Call) -> None:
     """Send the reply.create messages waiting for the agent to stop speaking, one a reply."""
-    while call.steers and call.ready and not call.replying:
-        message, then = call.steers.pop(0)
+    while call.steering.waiting and call.ready and not call.replying:
+        message, then = call.steering.waiting.pop(0)
         call.replying = True  # the reply it asks for comes next...
         set_timer(call, "reply", REPLY_WAIT, no_reply)  # ...or, after a while, never
         await call.agent.send(message)
@@ -1156,10 +1100,11 @@ def no_reply(call: Call) -> None:
 
 
 @dataclass
-class Keypad:
-    """A call's keypad state."""
+class Steering:
+    """What a call's steering and keypad keep."""
 
-    keys: str = ""  # the entry the caller is typing
+    waiting: list[tuple[str, str | None]] = field(default_factory=list)  # each with its "then"
+    keys: str = ""  # the keypad entry the caller is typing
 
 
 @dataclass
@@ -1174,7 +1119,7 @@ async def on_dtmf(call: Call, event: dict) -> None:
     key = event["dtmf"]["digit"]
     if len(key) != 1 or key not in KEYPAD:
         raise ValueError(f"no such key {key!r}")
-    call.keypad.keys += key
+    call.steering.keys += key
     caller_active(call)
     # An entry ends on # or, since callers often do not press it, after a pause.
     set_timer(call, "keypad", 0 if key == "#" else KEYPAD_PAUSE, end_entry)
@@ -1187,7 +1132,7 @@ TWILIO_EVENTS["dtmf"] = on_dtmf
 
 def end_entry(call: Call) -> None:
     """The caller finished a keypad entry: tell the agent which keys they pressed."""
-    keys, call.keypad.keys = call.keypad.keys, ""
+    keys, call.steering.keys = call.steering.keys, ""
     call.counts["keypad entries"] += 1
     call.log.info("the caller pressed %s", plural(len(keys), "key"))
     call.log.debug("the keys: %s", keys)  # card numbers and PINs stay out of INFO logs
@@ -1499,21 +1444,23 @@ DTMF_TONES = {key: dtmf_tone(key) for key in KEYPAD if key not in "ABCD"}  # com
 DTMF_PAUSE = base64.b64encode(b"\xff" * 4000).decode()  # "w": half a second of silence
 
 
+def tones_playing(call: Call) -> bool:
+    """Whether key tones are still playing: the caller's speech must not clear them."""
+    return any(name.startswith("tones-") for name in call.marks)
+
+
 async def play(call: Call, payloads: list[str]) -> None:
     """Play audio the bridge made after what is already sent; return once it has been heard."""
-    call.playing += 1
     try:
         for payload in payloads:
             await call.twilio.send(twilio_media(call.stream_sid, payload))
-        heard = await send_mark(call, f"played-{id(payloads)}")
+        heard = await send_mark(call, f"tones-{id(payloads)}")
         seconds = sum(len(payload) for payload in payloads) * 3 / 4 / 8000  # mu-law at 8 kHz
         if not await asyncio.wait_for(heard, MARK_TIMEOUT + seconds):
             raise RuntimeError("cut off: they were cleared before they had all played")
     except TimeoutError:  # not the tool's own time limit: say which wait it was
         raise RuntimeError(f"Twilio did not say they had played within MARK_TIMEOUT "
                            f"({MARK_TIMEOUT:g} s) plus their length") from None
-    finally:
-        call.playing -= 1
 
 
 async def send_digits(digits: str, play) -> str:
@@ -1645,31 +1592,40 @@ RETRYABLE_ERRORS = {"at_capacity", "concurrency_exceeded", "internal_error", "se
                     "session_not_found", "session_forbidden"}
 
 
+@dataclass
+class Retries:
+    """What a call's retries keep."""
+
+    error: str = ""  # the latest session.error code on the current agent connection
+    drops: int = 0  # agent connections in a row that closed before they were ready
+
+
 async def session_back(call: Call) -> bool:
     """The agent's socket dropped: get the session back, or apologize. Whether it came back."""
-    call.drops = 0 if call.ready else call.drops + 1
+    call.retries.drops = 0 if call.ready else call.retries.drops + 1
     call.ready = call.hears = False  # the caller's audio is dropped, not queued, meanwhile
     call.replying = False  # a reply cut off with the socket will not finish...
     note_turn(call, "reply.done")  # ...so if those were the last words, they are over
     code, reason = call.agent.close_code, call.agent.close_reason
-    if call.error != "not ready":
+    if call.retries.error != "not ready":
         call.log.warning("the Voice Agent API closed the connection: %s %s", code, reason)
-    refused = code == 1008 and call.error not in RETRYABLE_ERRORS  # the key, the voice...
-    refused |= call.error == "not ready" and call.drops > 1  # it stalled twice: give up
-    if refused or not await reopen_session(call, RETRY_DELAYS[call.drops:]):
+    refused = code == 1008 and call.retries.error not in RETRYABLE_ERRORS  # the key, the voice...
+    refused |= call.retries.error == "not ready" and call.retries.drops > 1  # it stalled twice: give up
+    if refused or not await reopen_session(call, RETRY_DELAYS[call.retries.drops:]):
         await apologize(call)
         return False
     call.counts["agent reconnects"] += 1
     return True
 
 
-async def connect_agent(call: Call, delays: tuple) -> bool:
+async def connect_agent(call: Call, delays: tuple = FIRST_TRIES) -> bool:
     """Open the call's agent session (open_session), trying once after each delay; a refused
     key is not tried again. Whether it opened; if not, a log line says why."""
     why = "the Voice Agent API kept closing new sessions before they were ready"
     for delay in delays:
         await asyncio.sleep(delay)
         try:
+            call.retries.error = ""
             await open_session(call)
             return True
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
@@ -1704,19 +1660,19 @@ def connect_error(exc: Exception) -> str:
 def not_ready(call: Call) -> None:
     """The agent connection sent no session.ready in time: close it, as a failed one."""
     call.log.warning("the Voice Agent API sent no session.ready within %g s", READY_TIMEOUT)
-    call.error = "not ready"
+    call.retries.error = "not ready"
     start(call, call.agent.close())
 
 
 async def on_session_error(call: Call, event: dict) -> None:
     # Whether the session goes on is the server's call: a fatal error closes the socket, and
     # session_back decides what to do then.
-    call.error = str(event.get("code") or "unknown").lower()
+    call.retries.error = str(event.get("code") or "unknown").lower()
     message = str(event.get("message", ""))
-    word, hint = ERROR_HINTS.get(call.error, ("", ""))
+    word, hint = ERROR_HINTS.get(call.retries.error, ("", ""))
     hint = f" ({hint})" if hint and word in message.lower() else ""
-    call.log.warning("agent error %s: %s%s", call.error, message, hint)
-    if call.error in ("session_not_found", "session_forbidden"):
+    call.log.warning("agent error %s: %s%s", call.retries.error, message, hint)
+    if call.retries.error in ("session_not_found", "session_forbidden"):
         call.session_id = ""  # it cannot be resumed: the next connection starts a new one
 
 
@@ -1870,6 +1826,29 @@ def body_length(head: bytes) -> int | str:
     return int(length) if int(length) <= MAX_WEBHOOK_BODY else "413 Content Too Large"
 
 
+@dataclass
+class Webhook:
+    """One plain HTTP request, its path and query parsed once: what every handler gets."""
+
+    connection: ServerConnection
+    request: Request
+    path: str
+    query: dict  # the URL's query string: our own data, which Twilio signs
+    form: dict  # Twilio's fields: a POST's form body, or a GET's query
+
+    def answer(self, status: int, body: str, content_type: str = "text/plain") -> Response:
+        """An HTTP response with this body and content type."""
+        response = self.connection.respond(status, body)
+        del response.headers["Content-Type"]  # respond() sets text/plain; assigning adds a copy
+        response.headers["Content-Type"] = content_type
+        return response
+
+    @property
+    def log(self) -> logging.LoggerAdapter:
+        """The log, each line tagged with the CallSid of the call this request is about."""
+        return CallLog(log, {"call_sid": self.form.get("CallSid", "?")})
+
+
 async def process_request(connection: ServerConnection, request: Request) -> Response | None:
     """Answer the plain HTTP webhooks; let Media Stream upgrades through to media_stream()."""
     url = urllib.parse.urlsplit(request.path)
@@ -1935,12 +1914,22 @@ def hears_mulaw(call: Call, start: dict) -> bool:
     return False
 
 
-def note_malformed(call: Call, sender: str, what: str) -> None:
+def malformed(call: Call, sender: str, message, kind, error: Exception | None = None) -> None:
     """Count a message we could not use; only the first of each call gets a log line."""
     call.counts["malformed messages"] += 1
     if call.counts["malformed messages"] == 1:
+        what = (repr(message[:80]) if kind is None and error is None else
+                f"{kind}: {type(error).__name__} {error}" if error else
+                f"unknown event {str(kind)[:80]!r}")
         call.log.warning("ignoring a malformed message from %s (later ones are only counted): %s",
                          sender, what)
+
+
+class CallLog(logging.LoggerAdapter):
+    """Tag every line with the CallSid it belongs to: an argument, never part of the format."""
+
+    def log(self, level, msg, *args, **kwargs):
+        super().log(level, "[%s] " + msg, self.extra["call_sid"], *args, **kwargs)
 
 
 class Escaped(logging.Filter):

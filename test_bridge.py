@@ -51,8 +51,8 @@ CALL_SID = "CA" + "1" * 32  # the test call's Twilio CallSid, unless a test name
 # the keypad's (a custom prompt keeps them), then the call's facts, if any.
 DEFAULT_PROMPT = bridge.SYSTEM_PROMPT + """
 If the caller asks for a random number, use generate_random_number.
-If the caller asks about their account or an order, use look_up_caller.
 When the caller wants to end the call, use end_call, then say a short goodbye.
+If the caller asks about their account or an order, use look_up_caller.
 When you call out and reach an automated phone menu, listen to the options and use send_digits \
 to press keys (w waits half a second), for example 1, or an extension followed by #.
 When the caller types on their phone keypad, you get a note saying which keys they pressed: \
@@ -593,7 +593,7 @@ class Calls(BridgeTest):
             "input": {"format": {"encoding": "audio/pcmu"}},
             "output": {"format": {"encoding": "audio/pcmu"}}}})
         self.assertEqual([tool["name"] for tool in tools],
-                         ["generate_random_number", "look_up_caller", "end_call", "send_digits"])
+                         ["generate_random_number", "end_call", "look_up_caller", "send_digits"])
         self.assertEqual(tools[0], {
             "type": "function", "name": "generate_random_number",
             "description": "Generate a random whole number between min and max, inclusive.",
