@@ -49,13 +49,13 @@ from websockets.http11 import Request, Response
 load_dotenv(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env"))  # ours alone
 
 
-# ======================================================================== Part 1: a call, end to end
+# ====================================================================== Part 1: a call, end to end
 # One phone call, in the order it happens: the settings and the agent you edit; the webhook
 # Twilio asks when a call comes in; the Media Stream and the agent session it opens; audio both
 # ways, with barge-in; tool calls; the hang-up once the goodbye has been heard. Where a feature
 # of Part 2 or 3 acts inside this code, one line calls it by name, and says which part it is in.
 
-# ------------------------------------------------------------------------------------ settings
+# ---------------------------------------------------------------------------------------- settings
 # From the environment, or .env. A number that is not one is named at start-up (Part 3).
 unreadable: list[str] = []  # "NAME=value is not ...", for each setting that cannot be read
 
@@ -98,7 +98,7 @@ LOG_LEVEL = os.environ.get("LOG_LEVEL") or "INFO"
 log = logging.getLogger("bridge")
 
 
-# ------------------------------------------------------------------------------------ the agent
+# --------------------------------------------------------------------------------------- the agent
 
 SYSTEM_PROMPT = """\
 You are a friendly, concise voice assistant on a phone call. Speak naturally, in short
@@ -180,7 +180,7 @@ def system_prompt(agent: dict, facts: dict) -> str:
     return "\n".join([agent["system_prompt"], *lines, *GUIDANCE]) + facts_block(facts)
 
 
-# ------------------------------------------------------------------------ answering the webhook
+# --------------------------------------------------------------------------- answering the webhook
 # A call comes in: Twilio POSTs its fields to /twiml, and gets TwiML that connects the call to
 # our Media Stream, with the call's facts as <Parameter>s. They come back in the stream's
 # `start` message, so no server has to keep them.
@@ -248,7 +248,7 @@ WEBHOOKS = {
 }
 
 
-# ------------------------------------------------------------- the stream and the agent session
+# ---------------------------------------------------------------- the stream and the agent session
 # Twilio opens the Media Stream and sends `start`. The bridge opens a WebSocket to the Voice
 # Agent API and sends session.update: who the agent is, its tools, mu-law audio both ways. The
 # agent answers session.ready and speaks its greeting; from then on, audio flows both ways.
@@ -384,8 +384,9 @@ def new_call(twilio: ServerConnection, start: dict) -> Call:
 
 async def open_session(call: Call) -> None:
     """Connect to the Voice Agent API and start the call's session, or resume a dropped one."""
-    call.agent = await connect(VOICE_AGENT_URL, compression=None, open_timeout=AGENT_OPEN_TIMEOUT,
-                               additional_headers={"Authorization": f"Bearer {ASSEMBLYAI_API_KEY}"})
+    key = {"Authorization": f"Bearer {ASSEMBLYAI_API_KEY}"}
+    call.agent = await connect(VOICE_AGENT_URL, compression=None,
+                               open_timeout=AGENT_OPEN_TIMEOUT, additional_headers=key)
     set_timer(call, "ready", READY_TIMEOUT, not_ready)  # Part 3: an agent that never gets ready
     if call.session_id:
         first = {"type": "session.resume", "session_id": call.session_id}
@@ -428,7 +429,7 @@ async def on_session_ready(call: Call, event: dict) -> None:
     await send_waiting(call)  # keypad entries or nudges that came while it was away
 
 
-# ---------------------------------------------------------------------------- audio both ways
+# --------------------------------------------------------------------------------- audio both ways
 # One coroutine per direction, each handing every event from its side to a handler; whichever
 # ends first ends the call. The audio messages go out 50 times a second each way, so they are
 # put together around the payload instead of encoding a whole dict: five times faster.
@@ -627,7 +628,7 @@ async def on_session_ended(call: Call, event: dict) -> bool:
     return True
 
 
-# ------------------------------------------------------------------ tool calls and their results
+# -------------------------------------------------------------------- tool calls and their results
 # The agent asks for a tool (tool.call); the bridge runs it in its own task, so audio keeps
 # flowing, and answers with tool.result under the Voice Agent API's timing rule (send_waiting).
 
@@ -718,7 +719,7 @@ AGENT_EVENTS = {  # Part 3 adds the session's errors
 }
 
 
-# --------------------------------------------------------------- hanging up after the goodbye
+# -------------------------------------------------------------------- hanging up after the goodbye
 # end_call's result is sent; the agent says goodbye; Twilio plays it; only then does the call
 # end, when Twilio echoes a mark sent after the goodbye's audio. If the caller speaks over it,
 # a clear drops that audio instead, and the call goes on.
@@ -815,12 +816,12 @@ async def finish(call: Call) -> None:
     count_ended(call)  # Part 3: /metrics
 
 
-# ======================================================================== Part 2: the phone network
+# ======================================================================= Part 2: the phone network
 # One chapter per feature of a real phone line. Each adds its own entries to Part 1's tables
 # (TOOLS, WEBHOOKS, STREAMS, TWILIO_EVENTS, ENDINGS, CALL_ACTIONS, GUIDANCE) where it is written,
 # and Part 1 reaches it through a line that names it: delete both, and the feature is gone.
 
-# ------------------------------------------------------------------- Twilio's REST API, and the apology
+# -------------------------------------------------------------- Twilio's REST API, and the apology
 # Outbound calls, transfers, recordings, and a spoken apology need Twilio's REST API, which
 # needs TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN. A request blocks a thread; the REST API's
 # requests get threads of their own, as many as calls may need at once (an outage: every call
@@ -920,7 +921,7 @@ async def apologize(call: Call) -> None:
         call.ending = "apology"
 
 
-# ---------------------------------------------------------------------- call facts and variables
+# ------------------------------------------------------------------------ call facts and variables
 # The facts of a call that reach the agent: these fields of Twilio's webhook, and the call's
 # variables, lowercase names on the webhook URL's query string (Twilio's own fields are all
 # capitalized). They ride with the call as <Parameter>s of its <Stream>, and come back in the
@@ -1012,7 +1013,7 @@ TOOLS["look_up_caller"] = {
 AGENTS["default"]["tools"].append("look_up_caller")
 
 
-# ------------------------------------------------------------- per-number agents and their checks
+# -------------------------------------------------------------- per-number agents and their checks
 # AGENTS (Part 1) is checked when the server starts, so that a typo stops it with one line
 # instead of failing a caller later.
 
@@ -1058,7 +1059,7 @@ def value_problem(key: str, value) -> str:
     return ""
 
 
-# ------------------------------------------------------------ steering, the keypad and silence
+# ---------------------------------------------------------------- steering, the keypad and silence
 # The bridge can make the agent speak: a reply.create carries instructions it replies to at
 # once. Keys the caller presses reach the agent that way, as one entry; so does silence: a
 # caller who says nothing for SILENCE_SECONDS, counted from when the agent's words have been
@@ -1190,7 +1191,7 @@ def on_silence(call: Call) -> None:
     call.counts["silence nudges"] += 1
 
 
-# ---------------------------------------------- outbound calls, answering machines and voicemail
+# ------------------------------------------------ outbound calls, answering machines and voicemail
 # `python bridge.py call +1...` (or POST /calls) has Twilio call someone; when they answer,
 # Twilio fetches /outbound-twiml and the call goes on as an inbound one does, with the
 # outbound greeting. Twilio listens for an answering machine meanwhile: after its beep, the
@@ -1313,7 +1314,7 @@ WEBHOOKS["/call-status"] = call_status
 WEBHOOKS["/amd"] = machine_detected
 
 
-# ------------------------------------------------------------------------------------ transfers
+# --------------------------------------------------------------------------------------- transfers
 # The agent hands the caller to a person: after its hand-off sentence has been heard, Twilio
 # dials the destination, whispers the agent's summary to whoever answers, then connects them.
 # If nobody answers, Twilio asks /transfer-done, and the caller is back with an agent that
@@ -1382,7 +1383,8 @@ def dial_twiml(address: str, action: str, whisper: str) -> str:
     comes next.
     """
     noun = "Sip" if address.startswith("sip:") else "Number"
-    return twiml(f'<Dial action={quoteattr(action)} timeout="{int(TRANSFER_RING_SECONDS)}"><{noun} '
+    ring = int(TRANSFER_RING_SECONDS)
+    return twiml(f'<Dial action={quoteattr(action)} timeout="{ring}"><{noun} '
                  f"url={quoteattr(whisper)}>{escape(address)}</{noun}></Dial>")
 
 
@@ -1427,7 +1429,7 @@ WEBHOOKS["/transfer-done"] = transfer_done
 WEBHOOKS["/whisper"] = whisper
 
 
-# ------------------------------------------------------------------------------------- keys out
+# ---------------------------------------------------------------------------------------- keys out
 # send_digits presses keys for the agent, to get through a phone menu: the bridge plays their
 # DTMF tones into the call itself (in-band), the only audio it makes, and answers the agent
 # once Twilio says they have played.
@@ -1494,7 +1496,7 @@ TOOLS["send_digits"] = {
 AGENTS["default"]["tools"].append("send_digits")
 
 
-# ------------------------------------------------------------------------------------ recording
+# --------------------------------------------------------------------------------------- recording
 # RECORD_CALLS: Twilio records each call, a channel for each side, and tells /recording-status
 # where the recording is once it is done. Tell your callers: recording laws differ.
 
@@ -1524,7 +1526,7 @@ def recording_status(hook: Webhook) -> Response:
 WEBHOOKS["/recording-status"] = recording_status
 
 
-# ------------------------------------------------------------------------------- the calls API
+# ----------------------------------------------------------------------------------- the calls API
 # POST /calls, behind CALLS_API_TOKEN, places an outbound call for an application, as
 # `python bridge.py call` does: a form or JSON with `to` and the call variables.
 
@@ -1573,12 +1575,12 @@ def json_answer(hook: Webhook, status: int, body: dict) -> Response:
 WEBHOOKS["/calls"] = calls_api
 
 
-# ======================================================================== Part 3: running it
+# ============================================================================== Part 3: running it
 # What keeps the bridge up for real: the agent session got back when its socket drops,
 # Twilio's signatures, limits on what a request may be, hostile input, metrics, the checks at
 # start-up, and a redeploy that lets live calls finish.
 
-# --------------------------------------------------------------------------- retries and resume
+# ------------------------------------------------------------------------------ retries and resume
 # A Voice Agent API connection can fail to open, close before it is ready, or drop mid-call.
 # The bridge tries again: a dropped session is resumed where it was; one the server no longer
 # knows is replaced by a new one, without a second greeting. When nothing works, Part 2's
@@ -1620,7 +1622,7 @@ async def session_back(call: Call) -> bool:
     if call.retries.error != "not ready":
         call.log.warning("the Voice Agent API closed the connection: %s %s", code, reason)
     refused = code == 1008 and call.retries.error not in RETRYABLE_ERRORS  # the key, the voice...
-    refused |= call.retries.error == "not ready" and call.retries.drops > 1  # it stalled twice: give up
+    refused |= call.retries.error == "not ready" and call.retries.drops > 1  # stalled twice
     if refused or not await reopen_session(call, RETRY_DELAYS[call.retries.drops:]):
         await apologize(call)
         return False
@@ -1692,7 +1694,7 @@ AGENT_EVENTS["session.error"] = on_session_error
 AGENT_EVENTS["error"] = on_session_error  # AssemblyAI's older examples name it so
 
 
-# ------------------------------------------------------------------------------- signatures
+# -------------------------------------------------------------------------------------- signatures
 # With TWILIO_AUTH_TOKEN set, every webhook and Media Stream must carry Twilio's signature:
 # otherwise anyone who finds this server's URL could start agent sessions on your key.
 
@@ -1751,7 +1753,7 @@ def signed_by_twilio(connection, request: Request, path: str) -> bool:
                for url in candidates)
 
 
-# ---------------------------------------------------------------- HTTP limits and hostile input
+# ------------------------------------------------------------------- HTTP limits and hostile input
 # Every request gets an answer with a status, whatever it holds; ids and text off the wire are
 # checked before they are used, and escaped in the log.
 
@@ -1963,7 +1965,7 @@ class Escaped(logging.Filter):
 log.addFilter(Escaped())
 
 
-# ----------------------------------------------------------------------------------- metrics
+# ----------------------------------------------------------------------------------------- metrics
 # GET /metrics, in Prometheus' text format, and GET /health for a load balancer. The counts are
 # this process's since it started, added as each call ends; no phone number is in them.
 
@@ -1971,7 +1973,7 @@ METRICS = {  # family -> its type, and what it counts
     "bridge_calls_active": ("gauge", "Calls in progress."),
     "bridge_draining": ("gauge", "1 once the process is stopping: it takes no new calls."),
     "bridge_calls_total": ("counter", "Calls ended, by how they ended."),
-    "bridge_agent_reconnects_total": ("counter", "Agent sessions back after their socket dropped."),
+    "bridge_agent_reconnects_total": ("counter", "Agent sessions back after a drop."),
     "bridge_malformed_messages_total": ("counter", "Messages from either side we could not use."),
     "bridge_tool_calls_total": ("counter", "Tool calls the agent made."),
     "bridge_tool_failures_total": ("counter", "Tool calls that raised an error."),
@@ -1982,7 +1984,8 @@ RESPONSE_BUCKETS = (0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, "+Inf")  # seconds
 live_calls: set[asyncio.Task] = set()  # the media_stream task of every call in progress
 counts = Counter({  # sample -> value: every sample listed from the start, in order
     **{f'bridge_calls_total{{outcome="{ending}"}}': 0 for ending in ENDINGS},
-    **{family: 0 for family in METRICS if family.endswith("_total") and family != "bridge_calls_total"},
+    **{family: 0 for family in METRICS  # the counts each call adds to
+       if family.endswith("_total") and family != "bridge_calls_total"},
     **{f'bridge_response_seconds_bucket{{le="{le}"}}': 0 for le in RESPONSE_BUCKETS},
     "bridge_response_seconds_sum": 0, "bridge_response_seconds_count": 0})
 
@@ -2050,7 +2053,7 @@ WEBHOOKS["/health"] = health
 WEBHOOKS["/metrics"] = metrics
 
 
-# ---------------------------------------------------------------------------- start-up checks
+# --------------------------------------------------------------------------------- start-up checks
 # A setting that cannot work stops the server at once, with one line that names it; what the
 # settings leave off is said once, with how to turn it on.
 
@@ -2107,7 +2110,7 @@ def log_what_is_off() -> None:
         log.info("calls are not recorded (RECORD_CALLS=true records them)")
 
 
-# ---------------------------------------------------------------------- redeploys, and main
+# ----------------------------------------------------------------------------- redeploys, and main
 # SIGTERM (or Ctrl-C) drains the process: webhooks for new calls get 503, so Twilio tries its
 # fallback URL, while live calls, and calls answered but not yet streaming, go on for up to
 # DRAIN_SECONDS. A second signal exits at once.

@@ -1531,7 +1531,7 @@ class OutboundCommand(unittest.IsolatedAsyncioTestCase):
 
 
 class Voicemail(BridgeTest):
-    """Outbound calls ask for answering-machine detection; a machine gets a voicemail; progress is logged."""
+    """Outbound calls: a machine gets a voicemail, a fax a hang-up; progress is logged."""
 
     SID = "CA" + "9" * 32
 
@@ -1919,7 +1919,8 @@ class CallsAPI(BridgeTest):
 
 
 class AgentFailures(BridgeTest):
-    """When the Voice Agent API fails, the session is got back if it can be; else the caller hears an apology, never silence."""
+    """A failing Voice Agent API: the session comes back if it can; else an apology, never
+    silence."""
 
     async def assert_apology(self, rest: FakeHTTP, twilio: TwilioStream):
         request = await rest.next_request()
@@ -2521,7 +2522,7 @@ class Metrics(BridgeTest):
 
 
 class StartUp(BridgeTest):
-    """Start-up problems are one plain line and a non-zero exit, never a traceback; what is off is said."""
+    """Start-up problems are one plain line and a non-zero exit; what is off is said."""
 
     async def serve(self, **env) -> tuple[int, str]:
         process = await asyncio.create_subprocess_exec(
@@ -2563,7 +2564,8 @@ class StartUp(BridgeTest):
 
     async def test_a_voice_with_capitals_is_refused(self):
         """AGENT_VOICE=Jane would fail every call: refused at start-up, with the hint."""
-        self.assertEqual(await self.serve(ASSEMBLYAI_API_KEY="k", PORT="8080", AGENT_VOICE="Jane"), (
+        self.assertEqual(await self.serve(ASSEMBLYAI_API_KEY="k", PORT="8080",
+                                          AGENT_VOICE="Jane"), (
             1, "AGENTS['default']: voice 'Jane' has capitals (check AGENT_VOICE, or the voice in "
                "AGENTS: names are lowercase)\n"))
 
