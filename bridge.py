@@ -1576,9 +1576,9 @@ WEBHOOKS["/calls"] = calls_api
 
 
 # ============================================================================== Part 3: running it
-# What keeps the bridge up for real: the agent session got back when its socket drops,
-# Twilio's signatures, limits on what a request may be, hostile input, metrics, the checks at
-# start-up, and a redeploy that lets live calls finish.
+# What keeps the bridge up for real: the agent session got back when its socket drops; HTTP
+# requests answered within limits; Twilio's signatures; hostile input; metrics; the checks at
+# start-up; and a redeploy that lets live calls finish.
 
 # ------------------------------------------------------------------------------ retries and resume
 # A Voice Agent API connection can fail to open, close before it is ready, or drop mid-call.
@@ -1694,75 +1694,16 @@ AGENT_EVENTS["session.error"] = on_session_error
 AGENT_EVENTS["error"] = on_session_error  # AssemblyAI's older examples name it so
 
 
-# -------------------------------------------------------------------------------------- signatures
-# With TWILIO_AUTH_TOKEN set, every webhook and Media Stream must carry Twilio's signature:
-# otherwise anyone who finds this server's URL could start agent sessions on your key.
-
-NOT_FROM_TWILIO = {"/health", "/metrics", "/calls"}  # not signed by Twilio; /calls has a token
-SIGNATURE_PROBLEMS = {  # why a request was refused: is it signed with a SharedKey (beta)?
-    False: "no valid X-Twilio-Signature (is TWILIO_AUTH_TOKEN your account's auth token, and "
-           "PUBLIC_URL the URL Twilio calls?)",
-    True: "it is signed with a Twilio SharedKey (X-Twilio-Webhooks-Signature-Settings), and "
-          "this bridge checks Auth Token signatures: sign this number's webhooks with the Auth "
-          "Token",
-}
-
-
-def twilio_signature(url: str, form: list[tuple[str, str]]) -> str:
-    """Twilio's X-Twilio-Signature for a request to url with these form fields.
-
-    HMAC-SHA1, keyed with the auth token, of the URL followed by every field's name and value,
-    sorted (repeated fields each count once), base64-encoded.
-    """
-    data = url + "".join(name + value for name, value in sorted(set(form)))
-    digest = hmac.new(TWILIO_AUTH_TOKEN.encode(), data.encode(), hashlib.sha1).digest()
-    return base64.b64encode(digest).decode()
-
-
-def urls_twilio_may_sign(url: str) -> set[str]:
-    """url, with and without its default port: Twilio's own libraries accept both."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        port = parts.port
-    except ValueError:  # a Host header no URL can have: not from Twilio
-        return set()
-    host = parts.netloc.rsplit(":", 1)[0] if port else parts.netloc
-    default_port = 80 if parts.scheme == "http" else 443
-    return {parts._replace(netloc=host).geturl(),
-            parts._replace(netloc=f"{host}:{port or default_port}").geturl()}
-
-
-def signed_by_twilio(connection, request: Request, path: str) -> bool:
-    """Whether the request carries Twilio's signature of the URL Twilio called.
-
-    That URL is our public one (PUBLIC_URL, else the Host header): https for a webhook, with
-    its query and its form fields signed; wss for a Media Stream, where Twilio's
-    documentation also allows a trailing slash.
-    """
-    base = public_base_url(request)
-    if base is None:
-        return False
-    if path in STREAMS:
-        urls = {f"wss://{base.split('://', 1)[1]}{path}{slash}" for slash in ("", "/")}
-    else:
-        urls = {base + request.path}
-    candidates = {variant for url in urls for variant in urls_twilio_may_sign(url)}
-    signature = request.headers.get("X-Twilio-Signature", "").encode("ascii", "replace")
-    form = [] if path in STREAMS else connection.form
-    return any(hmac.compare_digest(twilio_signature(url, form).encode(), signature)
-               for url in candidates)
-
-
-# ------------------------------------------------------------------- HTTP limits and hostile input
-# Every request gets an answer with a status, whatever it holds; ids and text off the wire are
-# checked before they are used, and escaped in the log.
+# ----------------------------------------------------------------------------------- HTTP requests
+# One port serves both: a plain HTTP request is a webhook, answered by process_request; a
+# WebSocket upgrade on a STREAMS path is a Media Stream. Every request gets an answer with a
+# status, whatever it holds: websockets' own parser reads the head, and WebhookConnection the
+# body, within limits.
 
 MAX_TWILIO_MESSAGE = 2**16  # bytes; Twilio's largest message, `start`, is far smaller
 MAX_REQUEST_HEAD = 2**14  # bytes of HTTP request line and headers
 MAX_WEBHOOK_BODY = 2**16  # bytes; Twilio's form posts are a few hundred bytes
 HANDSHAKE_TIMEOUT = 10  # seconds for a whole HTTP request (head and body) to arrive
-CALL_SID = re.compile(r"CA[0-9a-fA-F]{32}")  # Twilio's ids: a call's...
-STREAM_SID = re.compile(r"MZ[0-9a-fA-F]{32}")  # ...and a Media Stream's
 not_found: dict[str, float] = {}  # path -> when a request for it was last logged as a 404
 
 
@@ -1866,7 +1807,7 @@ class Webhook:
 async def process_request(connection: ServerConnection, request: Request) -> Response | None:
     """Answer the plain HTTP webhooks; let Media Stream upgrades through to media_stream()."""
     url = urllib.parse.urlsplit(request.path)
-    if refusal := refuse(connection, request, url.path):  # Part 3: 404, 403, 503...
+    if refusal := refuse(connection, request, url.path):  # 404, 405, 503 or 403
         return refusal
     if url.path in STREAMS:
         return None  # a Media Stream: go on with the WebSocket handshake
@@ -1903,6 +1844,73 @@ def log_not_found(request: Request, path: str) -> None:
         not_found[path] = now
         log.warning("404 for %s %s: this server answers %s, and the streams %s", request.method,
                     path, ", ".join(WEBHOOKS), ", ".join(STREAMS))
+
+
+# -------------------------------------------------------------------------------------- signatures
+# With TWILIO_AUTH_TOKEN set, every webhook and Media Stream must carry Twilio's signature:
+# otherwise anyone who finds this server's URL could start agent sessions on your key.
+
+NOT_FROM_TWILIO = {"/health", "/metrics", "/calls"}  # not signed by Twilio; /calls has a token
+SIGNATURE_PROBLEMS = {  # why a request was refused: is it signed with a SharedKey (beta)?
+    False: "no valid X-Twilio-Signature (is TWILIO_AUTH_TOKEN your account's auth token, and "
+           "PUBLIC_URL the URL Twilio calls?)",
+    True: "it is signed with a Twilio SharedKey (X-Twilio-Webhooks-Signature-Settings), and "
+          "this bridge checks Auth Token signatures: sign this number's webhooks with the Auth "
+          "Token",
+}
+
+
+def twilio_signature(url: str, form: list[tuple[str, str]]) -> str:
+    """Twilio's X-Twilio-Signature for a request to url with these form fields.
+
+    HMAC-SHA1, keyed with the auth token, of the URL followed by every field's name and value,
+    sorted (repeated fields each count once), base64-encoded.
+    """
+    data = url + "".join(name + value for name, value in sorted(set(form)))
+    digest = hmac.new(TWILIO_AUTH_TOKEN.encode(), data.encode(), hashlib.sha1).digest()
+    return base64.b64encode(digest).decode()
+
+
+def urls_twilio_may_sign(url: str) -> set[str]:
+    """url, with and without its default port: Twilio's own libraries accept both."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:  # a Host header no URL can have: not from Twilio
+        return set()
+    host = parts.netloc.rsplit(":", 1)[0] if port else parts.netloc
+    default_port = 80 if parts.scheme == "http" else 443
+    return {parts._replace(netloc=host).geturl(),
+            parts._replace(netloc=f"{host}:{port or default_port}").geturl()}
+
+
+def signed_by_twilio(connection, request: Request, path: str) -> bool:
+    """Whether the request carries Twilio's signature of the URL Twilio called.
+
+    That URL is our public one (PUBLIC_URL, else the Host header): https for a webhook, with
+    its query and its form fields signed; wss for a Media Stream, where Twilio's
+    documentation also allows a trailing slash.
+    """
+    base = public_base_url(request)
+    if base is None:
+        return False
+    if path in STREAMS:
+        urls = {f"wss://{base.split('://', 1)[1]}{path}{slash}" for slash in ("", "/")}
+    else:
+        urls = {base + request.path}
+    candidates = {variant for url in urls for variant in urls_twilio_may_sign(url)}
+    signature = request.headers.get("X-Twilio-Signature", "").encode("ascii", "replace")
+    form = [] if path in STREAMS else connection.form
+    return any(hmac.compare_digest(twilio_signature(url, form).encode(), signature)
+               for url in candidates)
+
+
+# ----------------------------------------------------------------------------------- hostile input
+# Ids and text off the wire are checked before they are used, and escaped in the log; a
+# message that cannot be used is counted, and only the first of a call logged.
+
+CALL_SID = re.compile(r"CA[0-9a-fA-F]{32}")  # Twilio's ids: a call's...
+STREAM_SID = re.compile(r"MZ[0-9a-fA-F]{32}")  # ...and a Media Stream's
 
 
 def start_problem(start: dict) -> str:
