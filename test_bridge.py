@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import hmac
 import http.client
+import importlib.util
 import io
 import json
 import logging
@@ -679,7 +680,8 @@ class Calls(BridgeTest):
                           or "reply.audio" in line or "input.audio" in line])
 
     async def test_either_transcript_is_logged_with_the_call_sid(self):
-        """Caller and agent transcripts and session errors are logged, tagged with the CallSid."""
+        """Caller and agent transcripts and session errors (also as "error") are logged, tagged
+        with the CallSid."""
         twilio, agent = await self.start_call(call_sid="CA" + "5" * 32)
         await agent.send({"type": "transcript.user", "text": "What time is it?"})
         await agent.send({"type": "transcript.agent", "text": "Noon.", "interrupted": False})
@@ -690,6 +692,10 @@ class Calls(BridgeTest):
                                 r"\(check AGENT_VOICE")
         await agent.send({"type": "session.error", "code": "invalid_value", "message": "min"})
         await self.log.wait_for(r"^\[CA5{32}\] agent error invalid_value: min$")
+        # AssemblyAI's older examples name the event "error": it is read the same way.
+        await agent.send({"type": "error", "code": "forbidden", "message": "old name"})
+        await self.log.wait_for(r"^\[CA5{32}\] agent error forbidden: old name \(check "
+                                r"ASSEMBLYAI_API_KEY\)$")
 
     async def test_two_simultaneous_calls_never_cross(self):
         """Two calls at once: each side hears only its own call's audio, in order."""
@@ -2747,6 +2753,51 @@ class FileDescriptors(unittest.IsolatedAsyncioTestCase):
         self.assertLessEqual(len([line for line in process.lines if "out of file" in line]), 4)
         self.assertFalse([line for line in process.lines if "Traceback" in line])
 
+
+
+class Readme(unittest.TestCase):
+    """What README.md tells a newcomer to do works, and where it points is where it says."""
+
+    def setUp(self):
+        with open(os.path.join(HERE, "README.md")) as readme:
+            self.readme = readme.read()
+        with open(os.path.join(HERE, "bridge.py")) as source:
+            self.source = source.read()
+
+    def test_the_add_a_tool_steps_make_a_working_tool(self):
+        """Paste the function before TOOLS, the entry inside it: the tool is there and runs."""
+        section = self.readme.split("### Add a tool", 1)[1].split("\n## ", 1)[0]
+        function, entry = re.findall(r"```python\n(.*?)```", section, re.S)
+        source = self.source.replace("TOOLS = {", function + "\n\nTOOLS = {", 1)
+        start = source.index("TOOLS = {")
+        end = source.index("\n}\n", start)
+        source = source[:end] + "\n" + entry.rstrip("\n") + source[end:]
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "bridge.py")
+            with open(path, "w") as copy:
+                copy.write(source)
+            spec = importlib.util.spec_from_file_location("pasted_bridge", path)
+            pasted = sys.modules["pasted_bridge"] = importlib.util.module_from_spec(spec)
+            self.addCleanup(sys.modules.pop, "pasted_bridge")
+            spec.loader.exec_module(pasted)
+        for added in [f for f in pasted.log.filters if isinstance(f, pasted.Escaped)]:
+            pasted.log.removeFilter(added)  # the copy's own, on the logger both share
+        tool = pasted.TOOLS["get_weather"]
+        self.assertEqual(asyncio.run(tool["function"]("Paris"))["city"], "Paris")
+        self.assertEqual(pasted.value_problem("tools", ["get_weather", "end_call"]), "")
+
+    def test_the_walk_through_points_at_the_lines_it_names(self):
+        """Each [`name`](bridge.py#L…) link lands on the line that defines name, in Part 1."""
+        links = re.findall(r"\[\*{0,2}`(\w+)`\*{0,2}\]\(bridge\.py#L(\d+)\)", self.readme)
+        self.assertGreater(len(links), 20)
+        lines = self.source.splitlines()
+        part_2 = next(n for n, line in enumerate(lines, 1) if line.endswith("Part 2: the phone "
+                                                                              "network"))
+        for name, number in links:
+            with self.subTest(name=name):
+                self.assertRegex(lines[int(number) - 1],
+                                 rf"^(async def |def |class ){name}\b|^{name} =")
+                self.assertLess(int(number), part_2)
 
 
 class BenchmarkOptions(unittest.TestCase):
