@@ -1974,7 +1974,7 @@ class Escaped(logging.Filter):
 log.addFilter(Escaped())
 
 
-# ----------------------------------------------------------------------------------------- metrics
+# ---------------------------------------------------------------------- metrics and the summary line
 # GET /metrics, in Prometheus' text format, and GET /health for a load balancer. The counts are
 # this process's since it started, added as each call ends; no phone number is in them.
 
