@@ -1018,8 +1018,9 @@ AGENTS["default"]["tools"].append("look_up_caller")
 # AGENTS (Part 1) is checked when the server starts, so that a typo stops it with one line
 # instead of failing a caller later.
 
-E164 = re.compile(r"\+[1-9]\d{1,14}")  # a phone number: +15551234567
-DESTINATION = re.compile(E164.pattern + r"|sip:[^\s<>\"']+")  # what we can dial: E.164, SIP
+E164 = re.compile(r"\+[1-9][0-9]{1,14}")  # a phone number: +15551234567, in ASCII digits
+# What we can dial: that, or a sip: address in printable ASCII, less quotes and <>.
+DESTINATION = re.compile(E164.pattern + r"|sip:[!#-&(-;=?-~]+")
 AGENT_KEYS = {"system_prompt": (str,), "greeting": (str, tuple), "outbound_greeting": (str, tuple),
               "voicemail": (str, tuple), "voice": (str,), "tools": (list,), "keyterms": (list,),
               "transfers": (dict,)}  # what each key of an AGENTS entry holds
@@ -1529,7 +1530,14 @@ WEBHOOKS["/recording-status"] = recording_status
 
 # ----------------------------------------------------------------------------------- the calls API
 # POST /calls, behind CALLS_API_TOKEN, places an outbound call for an application, as
-# `python bridge.py call` does: a form or JSON with `to` and the call variables.
+# `python bridge.py call` does: a form or JSON with `to` and the call variables. Its requests
+# to Twilio have threads of their own, so a flood of them never delays a live call's apology
+# or transfer; beyond CALLS_IN_FLIGHT at once, it answers 503 before asking Twilio anything.
+
+CALLS_IN_FLIGHT = 50  # calls API requests waiting on Twilio at once; more get 503 at once
+CALLS_API_WAIT = 2 * TWILIO_API_TIMEOUT  # seconds, then 504: well inside the HTTP handshake's
+CALLS_THREADS = ThreadPoolExecutor(max_workers=CALLS_IN_FLIGHT, thread_name_prefix="calls")
+calls_in_flight = 0  # calls API requests now waiting on Twilio
 
 
 async def calls_api(hook: Webhook) -> Response:
@@ -1546,21 +1554,60 @@ async def calls_api(hook: Webhook) -> Response:
         to, variables = call_request(hook)
     except ValueError as exc:
         return json_answer(hook, 400, {"error": str(exc)})
-    try:
-        sid = await in_twilio_thread(place_call, public_base_url(hook.request), to, variables)
+    if calls_in_flight >= CALLS_IN_FLIGHT:
+        return too_many_calls(hook)
+    return await place_for_api(hook, to, variables)
+
+
+async def place_for_api(hook: Webhook, to: str, variables: dict) -> Response:
+    """Place the call in a calls API thread; 201 with its SID, or 502 with Twilio's reason."""
+    global calls_in_flight
+    calls_in_flight += 1
+    loop = asyncio.get_running_loop()
+    placing = loop.run_in_executor(CALLS_THREADS, placed_and_logged,
+                                   public_base_url(hook.request), to, variables)
+    try:  # placed and logged in the thread: a client that hangs up cannot stop the log line
+        sid = await asyncio.wait_for(placing, CALLS_API_WAIT)
+    except TimeoutError:
+        return json_answer(hook, 504, {"error": "Twilio did not answer in time: the call may "
+                                                "still be placed, and logged with its SID"})
     except TwilioError as exc:
         log.warning("the calls API could not place a call to %s: %s", to, exc.saying("it"))
         return json_answer(hook, 502, {"error": "Twilio refused the call", **exc.refusal}
                            if exc.refusal is not None else {"error": str(exc)})
-    CallLog(log, {"call_sid": sid}).info("placed a call to %s for the calls API", to)
+    finally:
+        calls_in_flight -= 1
     return json_answer(hook, 201, {"sid": sid})
+
+
+def placed_and_logged(base: str, to: str, variables: dict) -> str:
+    """place_call, and a log line with the SID Twilio gave it."""
+    sid = place_call(base, to, variables)
+    CallLog(log, {"call_sid": sid}).info("placed a call to %s for the calls API", to)
+    return sid
+
+
+def too_many_calls(hook: Webhook) -> Response:
+    """503, before anything is asked of Twilio: the client may try again in a second."""
+    if seldom("calls API full"):
+        log.warning("the calls API is answering 503: %d requests already wait on Twilio",
+                    CALLS_IN_FLIGHT)
+    response = json_answer(hook, 503, {"error": f"{CALLS_IN_FLIGHT} calls are being placed: "
+                                                "try again shortly"})
+    response.headers["Retry-After"] = "1"
+    return response
 
 
 def call_request(hook: Webhook) -> tuple[str, dict]:
     """The number and call variables a POST /calls asks for, as JSON or a form."""
+    if public_base_url(hook.request) is None:
+        raise ValueError("no Host header: set PUBLIC_URL, the URL Twilio reaches the bridge at")
     fields = hook.form
     if hook.request.headers.get("Content-Type", "").startswith("application/json"):
-        fields = json.loads(hook.connection.body or b"null")  # a ValueError if it is not JSON
+        try:  # a ValueError if it is not JSON
+            fields = json.loads(hook.connection.body or b"null")
+        except RecursionError:
+            raise ValueError("send a flat JSON object: to, and text variables") from None
     if not isinstance(fields, dict):
         raise ValueError("send a JSON object or a form")
     to = fields.pop("to", "")
@@ -1705,7 +1752,8 @@ MAX_TWILIO_MESSAGE = 2**16  # bytes; Twilio's largest message, `start`, is far s
 MAX_REQUEST_HEAD = 2**14  # bytes of HTTP request line and headers
 MAX_WEBHOOK_BODY = 2**16  # bytes; Twilio's form posts are a few hundred bytes
 HANDSHAKE_TIMEOUT = 10  # seconds for a whole HTTP request (head and body) to arrive
-not_found: dict[str, float] = {}  # path -> when a request for it was last logged as a 404
+OPEN_TIMEOUT = HANDSHAKE_TIMEOUT + 2 * TWILIO_API_TIMEOUT + 5  # ...and to be answered, at most
+logged: dict[str, float] = {}  # what -> when it was last logged (seldom)
 
 
 class WebhookConnection(ServerConnection):
@@ -1758,6 +1806,10 @@ class WebhookConnection(ServerConnection):
         super().data_received(head + rest[length:])
 
     def refuse(self, status: str) -> None:
+        """Answer with this status ("400 Bad Request: why", the why logged), and close."""
+        status, _, why = status.partition(": ")
+        if why and seldom(why):
+            log.warning("refusing a request: %s", why)
         self.deadline.cancel()
         self.transport.write(f"HTTP/1.1 {status}\r\nContent-Length: 0\r\n"
                              "Connection: close\r\n\r\n".encode())
@@ -1771,9 +1823,12 @@ def body_length(head: bytes) -> int | str:
     for name, _, value in (line.partition(b":") for line in lines[1:] if line):
         fields.setdefault(name.strip().lower(), []).append(value.strip())
     lengths = set(fields.get(b"content-length", []))  # the same length twice is still one
-    signed = TWILIO_AUTH_TOKEN and len(fields.get(b"x-twilio-signature", [])) > 1
-    if len(fields.get(b"host", [])) > 1 or signed or len(lengths) > 1:
-        return "400 Bad Request"  # which one is meant? Read wrongly, it could be abused
+    # Which one is meant? Read one way here and another there, a header could be abused.
+    for name in (b"host", b"authorization", b"content-type", b"x-twilio-signature"):
+        if len(fields.get(name, [])) > 1 and (name != b"x-twilio-signature" or TWILIO_AUTH_TOKEN):
+            return f"400 Bad Request: {len(fields[name])} {name.decode().title()} headers"
+    if len(lengths) > 1:
+        return "400 Bad Request: two lengths"
     if b"transfer-encoding" in fields or (lines[0].startswith(b"POST ") and not lengths):
         return "411 Length Required"
     length = lengths.pop() if lengths else b"0"
@@ -1838,13 +1893,20 @@ def refuse(connection: ServerConnection, request: Request, path: str) -> Respons
 
 def log_not_found(request: Request, path: str) -> None:
     """Log a request for a path we do not serve: once a minute per path, at most."""
-    path, now = path[:100], time.monotonic()
-    if now - not_found.get(path, -60.0) >= 60:
-        if len(not_found) >= 1000:  # a scan of many paths: start over, not run out of memory
-            not_found.clear()
-        not_found[path] = now
+    if seldom("404 " + path[:100]):
         log.warning("404 for %s %s: this server answers %s, and the streams %s", request.method,
-                    path, ", ".join(WEBHOOKS), ", ".join(STREAMS))
+                    path[:100], ", ".join(WEBHOOKS), ", ".join(STREAMS))
+
+
+def seldom(what: str) -> bool:
+    """Whether to log what happened: once a minute per kind, so that a flood is one line."""
+    now = time.monotonic()
+    if now - logged.get(what, -60.0) < 60:
+        return False
+    if len(logged) >= 1000:  # a scan of many paths: start over, not run out of memory
+        logged.clear()
+    logged[what] = now
+    return True
 
 
 # -------------------------------------------------------------------------------------- signatures
@@ -2215,7 +2277,7 @@ def serve_bridge(host: str | None, port: int):
     """Start the server: webhooks over plain HTTP, Media Streams over WebSocket, one port."""
     return serve(media_stream, host, port, process_request=process_request,
                  create_connection=WebhookConnection, compression=None,
-                 max_size=MAX_TWILIO_MESSAGE, open_timeout=HANDSHAKE_TIMEOUT + 1)
+                 max_size=MAX_TWILIO_MESSAGE, open_timeout=OPEN_TIMEOUT)
 
 
 async def serve_calls(port: int) -> None:

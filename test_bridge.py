@@ -358,9 +358,10 @@ class LogLines(logging.Handler):
         line = record.getMessage()
         self.lines.append(line)
         self.levels.append(record.levelname)
-        for pattern, future in self.waiters:
+        for pattern, future in self.waiters:  # the line may come from a thread (calls API)
             if not future.done() and re.search(pattern, line):
-                future.set_result(line)
+                future.get_loop().call_soon_threadsafe(
+                    lambda future=future: future.done() or future.set_result(line))
 
     async def wait_for(self, pattern: str, timeout: float = TIMEOUT) -> str:
         for line in self.lines:
@@ -417,6 +418,9 @@ class BridgeTest(unittest.IsolatedAsyncioTestCase):
                       TWILIO_AUTH_TOKEN="", TWILIO_API_URL="http://127.0.0.1:9",
                       MAX_CALL_SECONDS=3600, SILENCE_SECONDS=0)
         self.agents(voice="")  # whatever AGENT_VOICE a developer's .env sets
+        patcher = mock.patch.dict(bridge.logged, clear=True)  # what was logged once a minute
+        patcher.start()
+        self.addCleanup(patcher.stop)
         self.log = LogLines()
         bridge.log.addHandler(self.log)
         bridge.log.setLevel(logging.INFO)
@@ -1906,6 +1910,110 @@ class CallsAPI(BridgeTest):
             with self.subTest(request=request):
                 self.assertEqual(await self.post(**request), (400, {"error": reason}))
         self.assertEqual(self.rest.requests, [])
+
+    async def raw(self, head: str, body: bytes = b"") -> tuple[str, str]:
+        """Send a request exactly as written; return the answer's status line and the rest."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        try:
+            writer.write(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+            answer = (await asyncio.wait_for(reader.read(), 4 * TIMEOUT)).decode()
+            return answer.split("\r\n", 1)[0], answer
+        finally:
+            writer.close()
+
+    async def test_repeated_authorization_or_content_type_is_a_400(self):
+        """Two Authorization headers (any values), or two Content-Types with the right token:
+        400 and one log line, never a server error."""
+        body = b'{"to": "+15550001111"}'
+        for headers in ("Authorization: Bearer x\nAuthorization: Bearer y\n",
+                        "Authorization: Bearer app-token\nContent-Type: application/json\n"
+                        "Content-Type: text/plain\n"):
+            with self.subTest(headers=headers):
+                status, _ = await self.raw(f"POST /calls HTTP/1.1\nHost: abc.ngrok.app\n{headers}"
+                                           f"Content-Length: {len(body)}\n", body)
+                self.assertEqual(status, "HTTP/1.1 400 Bad Request")
+        await self.log.wait_for("^refusing a request: 2 Authorization headers$")
+        await self.log.wait_for("^refusing a request: 2 Content-Type headers$")
+        self.assertFalse([line for line in self.log.lines if "Traceback" in line])
+        self.assertEqual(self.rest.requests, [])
+
+    async def test_nested_bodies_foreign_digits_and_bad_addresses_are_a_400(self):
+        """JSON nested 3,000 deep or a variable that is an object; Arabic-Indic digits; a sip:
+        address with a control character or a lone surrogate: 400 saying why, no call."""
+        cases = [
+            ({"body": None, "raw": "[" * 3000 + "]" * 3000},
+             "send a flat JSON object: to, and text variables"),
+            ({"data": {"to": "+15550001111", "order": {"id": "A-1"}}},
+             "order must be text, without control characters"),
+            ({"data": {"to": "+1\u0665\u0665\u0665\u0661\u0662\u0663\u0664"}},
+             "'+1\u0665\u0665\u0665\u0661\u0662\u0663\u0664' is not a phone number in E.164 form "
+             "(+15551234567) or a sip: address"),
+            ({"data": {"to": "sip:desk\x07@example.com"}},
+             "'sip:desk\\x07@example.com' is not a phone number in E.164 form (+15551234567) or a "
+             "sip: address"),
+            ({"raw": '{"to": "sip:\\ud800"}'},
+             "'sip:\\ud800' is not a phone number in E.164 form (+15551234567) or a sip: address"),
+        ]
+        for request, reason in cases:
+            with self.subTest(request=str(request)[:60]):
+                if "raw" in request:
+                    status, kind, text = await self.http("POST", "/calls", body=request["raw"],
+                                                         headers={"Authorization": "Bearer app-token",
+                                                                  "Content-Type": "application/json"})
+                    self.assertEqual((status, json.loads(text)), (400, {"error": reason}))
+                else:
+                    self.assertEqual(await self.post(**request), (400, {"error": reason}))
+        self.assertEqual(self.rest.requests, [])
+
+    async def test_no_host_and_no_public_url_is_a_400_naming_the_setting(self):
+        """Without a Host header or PUBLIC_URL, nothing goes to Twilio: 400 says what to set."""
+        self.settings(PUBLIC_URL="")
+        body = b'{"to": "+15550001111"}'
+        status, answer = await self.raw("POST /calls HTTP/1.1\nAuthorization: Bearer app-token\n"
+                                        "Content-Type: application/json\n"
+                                        f"Content-Length: {len(body)}\n", body)
+        self.assertEqual(status, "HTTP/1.1 400 Bad Request")
+        self.assertIn("no Host header: set PUBLIC_URL", answer)
+        self.assertEqual(self.rest.requests, [])
+
+    async def test_a_flood_against_a_slow_twilio_is_answered_logged_and_never_delays_apologies(
+            self):
+        """500 requests at once, Twilio taking 3 s: each gets 201 or an immediate 503 with
+        Retry-After; each placed call is logged; ten live calls' apologies meanwhile reach
+        Twilio at once."""
+        sids = [f"CA{n:032x}" for n in range(10)]
+        for sid in sids:
+            self.rest.answers[f"/2010-04-01/Accounts/AC{'0' * 32}/Calls/{sid}.json"] = (200, {})
+        live = [await self.start_call(call_sid=sid) for sid in sids]
+        self.rest.delay = 3
+        body = b'{"to": "+15550001111"}'
+        head = ("POST /calls HTTP/1.1\nHost: abc.ngrok.app\nAuthorization: Bearer app-token\n"
+                f"Content-Type: application/json\nContent-Length: {len(body)}\n")
+        flood = asyncio.gather(*(self.raw(head, body) for _ in range(500)))
+        await self.rest.next_request()  # the flood has reached Twilio
+        clock = asyncio.get_running_loop().time
+        failed = clock()
+        for _, agent in live:  # the Voice Agent API refuses them all: each call apologizes
+            await agent.ws.close(1008, "unauthorized")
+        apologies = set()
+        while len(apologies) < 10:
+            request = await self.rest.next_request()
+            if "/Calls/CA" in request["path"]:
+                apologies.add(request["path"])
+        self.assertLess(clock() - failed, 1)
+        answers = await flood
+        statuses = [status for status, _ in answers]
+        placed = statuses.count("HTTP/1.1 201 Created")
+        self.assertEqual(placed + statuses.count("HTTP/1.1 503 Service Unavailable"), 500)
+        self.assertEqual(placed, bridge.CALLS_IN_FLIGHT)
+        self.assertTrue(all("Retry-After: 1" in answer for status, answer in answers
+                            if status.endswith("503 Service Unavailable")))
+        calls = [r for r in self.rest.requests if r["path"] == self.CALLS]
+        self.assertEqual(len(calls), placed)
+        logged = [line for line in self.log.lines if "placed a call to" in line]
+        self.assertEqual(len(logged), placed)
+        for twilio, _ in live:
+            await twilio.closed()
 
     async def test_twilios_refusal_gets_502_with_its_code_and_message(self):
         """Twilio says no: 502, with Twilio's own code and message."""
