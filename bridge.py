@@ -1070,7 +1070,10 @@ def value_problem(key: str, value) -> str:
 
 KEYPAD = "123A456B789C*0#D"  # a phone's keys, row by row, as DTMF tones pair them
 KEYPAD_PAUSE = 2  # seconds after the caller's last key that end a keypad entry (so does #)
+MAX_ENTRY_KEYS = 64  # keys one entry keeps; the agent is told how many more were cut
+MAX_WAITING_ENTRIES = 3  # entries waiting for the agent's turn; older ones are dropped
 KEYPAD_NOTE = "The caller pressed these keys on their phone keypad: {keys}"
+KEYPAD_CUT = " ({count} more keys were cut: an entry holds {most})"
 SILENCE_NOTES = (  # what the agent is asked to say: first a check, then a goodbye
     "The caller has said nothing for a while. Briefly ask whether they are still there.",
     "The caller is still silent. Say a short, friendly goodbye: the call ends after it.",
@@ -1085,8 +1088,10 @@ CALL_ACTIONS["say goodbye"] = partial(hang_up, ending="silence")
 class Steering:
     """What a call's steering and keypad keep."""
 
-    waiting: list[tuple[str, str | None]] = field(default_factory=list)  # each with its "then"
+    waiting: list[tuple[str, str | None, bool]] = field(default_factory=list)  # then, entry?
     keys: str = ""  # the keypad entry the caller is typing
+    cut: int = 0  # keys of that entry past MAX_ENTRY_KEYS
+    dropped: int = 0  # entries dropped, unsent, since the last one sent
 
 
 @dataclass
@@ -1097,17 +1102,21 @@ class Silence:
     in_a_row: int = 0  # silent periods in a row, each ending in a nudge
 
 
-def steer(call: Call, instructions: str, then: str | None = None) -> None:
+def steer(call: Call, instructions: str, then: str | None = None, entry: bool = False) -> None:
     """Have the agent reply, steered by instructions, as soon as it is not speaking."""
     message = json.dumps({"type": "reply.create", "instructions": instructions})
-    call.steering.waiting.append((message, then))
+    call.steering.waiting.append((message, then, entry))
     start(call, send_waiting(call))
 
 
 async def send_steers(call: Call) -> None:
     """Send the reply.create messages waiting for the agent to stop speaking, one a reply."""
     while call.steering.waiting and call.ready and not call.replying:
-        message, then = call.steering.waiting.pop(0)
+        message, then, entry = call.steering.waiting.pop(0)
+        if entry and call.steering.dropped:
+            call.log.info("keypad entries dropped while the agent had no turn for them: %d",
+                          call.steering.dropped)
+            call.steering.dropped = 0
         call.replying = True  # the reply it asks for comes next...
         set_timer(call, "reply", REPLY_WAIT, no_reply)  # ...or, after a while, never
         await call.agent.send(message)
@@ -1126,7 +1135,10 @@ async def on_dtmf(call: Call, event: dict) -> None:
     key = event["dtmf"]["digit"]
     if len(key) != 1 or key not in KEYPAD:
         raise ValueError(f"no such key {key!r}")
-    call.steering.keys += key
+    if len(call.steering.keys) < MAX_ENTRY_KEYS:
+        call.steering.keys += key
+    else:
+        call.steering.cut += 1
     caller_active(call)
     # An entry ends on # or, since callers often do not press it, after a pause.
     set_timer(call, "keypad", 0 if key == "#" else KEYPAD_PAUSE, end_entry)
@@ -1139,11 +1151,19 @@ TWILIO_EVENTS["dtmf"] = on_dtmf
 
 def end_entry(call: Call) -> None:
     """The caller finished a keypad entry: tell the agent which keys they pressed."""
-    keys, call.steering.keys = call.steering.keys, ""
+    keys, cut = call.steering.keys, call.steering.cut
+    call.steering.keys, call.steering.cut = "", 0
     call.counts["keypad entries"] += 1
-    call.log.info("the caller pressed %s", plural(len(keys), "key"))
+    entries = [waiting for waiting in call.steering.waiting if waiting[2]]
+    if len(entries) >= MAX_WAITING_ENTRIES:  # a flood of entries: keep the latest, say once
+        call.steering.waiting.remove(entries[0])
+        call.steering.dropped += 1
+    else:
+        call.log.info("the caller pressed %s", plural(len(keys) + cut, "key"))
     call.log.debug("the keys: %s", keys)  # card numbers and PINs stay out of INFO logs
-    steer(call, KEYPAD_NOTE.format(keys=keys))
+    note = KEYPAD_NOTE.format(keys=keys)
+    steer(call, note + KEYPAD_CUT.format(count=cut, most=MAX_ENTRY_KEYS) if cut else note,
+          entry=True)
 
 
 def plural(count: int, noun: str) -> str:
@@ -2036,7 +2056,7 @@ class Escaped(logging.Filter):
 log.addFilter(Escaped())
 
 
-# ---------------------------------------------------------------------- metrics and the summary line
+# -------------------------------------------------------------------- metrics and the summary line
 # GET /metrics, in Prometheus' text format, and GET /health for a load balancer. The counts are
 # this process's since it started, added as each call ends; no phone number is in them.
 

@@ -1314,6 +1314,38 @@ class Keypad(BridgeTest):
         await agent.wait_for(lambda a: len(a.of("type", "reply.create")) == 2)
         await self.log.wait_for("the agent did not reply within 0.2 s")
 
+    async def test_a_flood_of_entries_keeps_the_latest_three_and_says_how_many_went(self):
+        """500 entries while the agent speaks: the latest 3 follow, one a reply; one line
+        counts the rest, which are never sent."""
+        twilio, agent = await self.start_call()
+        await agent.send({"type": "reply.started", "reply_id": "reply_long"})
+        for n in range(500):
+            await twilio.press(f"{n}#")
+        await self.round_trip(twilio, agent)
+        await agent.send({"type": "reply.done", "reply_id": "reply_long"})
+        for n in (497, 498, 499):
+            await agent.wait_for(lambda a: len(a.of("type", "reply.create")) == n - 496)
+            await agent.speak(f"reply_{n}", [])
+        await self.log.wait_for(r"\] keypad entries dropped while the agent had no turn for "
+                                "them: 497$")
+        await self.round_trip(twilio, agent)
+        self.assertEqual([steer[-6:] for steer in self.steers(agent)],
+                         [": 497#", ": 498#", ": 499#"])
+        self.assertEqual(len([line for line in self.log.lines if "keypad" in line]), 1)
+        self.assertEqual(len([line for line in self.log.lines if "the caller pressed" in line]),
+                         3)
+
+    async def test_an_endless_entry_is_cut_and_the_agent_told(self):
+        """1,000 keys with no #: the entry keeps 64, and says how many more were cut."""
+        self.settings(KEYPAD_PAUSE=0.2)
+        twilio, agent = await self.start_call()
+        await twilio.press("7" * 1000)
+        await agent.wait_for(lambda a: a.of("type", "reply.create"))
+        self.assertEqual(self.steers(agent), [
+            "The caller pressed these keys on their phone keypad: " + "7" * 64
+            + " (936 more keys were cut: an entry holds 64)"])
+        await self.log.wait_for("the caller pressed 1000 keys$")
+
     async def test_a_key_twilio_cannot_send_is_malformed(self):
         """A dtmf event with a digit no keypad has is counted as malformed, and ignored."""
         twilio, agent = await self.start_call(call_sid="CA" + "b" * 32)
