@@ -280,6 +280,7 @@ class Call:
     interrupted: set[str] = field(default_factory=set)  # replies whose late audio we drop
     last_event: str = ""  # latest of reply.started, input.speech.started, reply.done
     results: list[tuple[str, str | None, dict]] = field(default_factory=list)  # and its "then"
+    leaving: str = ""  # the "then" a tool's result has claimed: hang up, transfer
     tools_running: int = 0
     marks: dict[str, asyncio.Future] = field(default_factory=dict)  # sent, not yet played
     last_words: asyncio.Queue | None = None  # turn events, while the last words play
@@ -657,7 +658,10 @@ async def run_tool(call: Call, call_id: str, name: str, arguments: dict, reply_i
         if tool is None:
             raise LookupError(f"there is no tool named {name!r}")
         value = await invoke(tool["function"], arguments, call)
+        if tool.get("then") and call.leaving:  # end_call and transfer_call: the first decides
+            raise RuntimeError(f"not done: the call is already ending ({call.leaving})")
         message, then = tool_result(call_id, value), tool.get("then")
+        call.leaving = then or call.leaving
         call.log.info("tool %s(%s) -> %s", name, arguments, value)
     except Exception as exc:  # the tool's own bug or bad arguments: tell the agent, go on
         message = tool_result(call_id, {"error": f"{type(exc).__name__}: {exc}"}, is_error=True)
@@ -770,6 +774,7 @@ async def after_last_words(call: Call, action) -> None:
             raise CallGoesOn
     except CallGoesOn:
         call.log.info("the caller spoke over the agent's last words: the call goes on")
+        call.leaving = ""
         return
     except ConnectionClosed:
         return  # the caller hung up first
@@ -1348,6 +1353,10 @@ TRANSFER_FAILED = ("You tried to transfer the caller to {transfer_to}, but the c
                    "answered ({DialCallStatus}). The caller is back with you: apologize, say "
                    "plainly that the transfer did not go through, and offer to help yourself or "
                    "to take a message.")
+# ...and when Twilio refuses to move the call at all.
+TRANSFER_REFUSED = ("You tried to transfer the caller to {transfer_to}, but the phone system "
+                    "refused the transfer. The caller is still with you: say so plainly, and "
+                    "offer to help yourself or to take a message.")
 STREAMS["/return-stream"] = {"steer": TRANSFER_FAILED}  # a transfer nobody answered
 ENDINGS["transferred"] = "transferred"
 
@@ -1425,8 +1434,11 @@ async def transfer(call: Call, arguments: dict) -> None:
     if await redirect(call.log, call.sid, dial_twiml(address, action, whisper)):
         call.ending = "transferred"
         call.over.set()
+        expect_stream(call.sid, TRANSFER_RING_SECONDS + START_TIMEOUT)  # Part 3: a drain waits
     else:
         call.log.error("the transfer failed: the caller stays with the agent")
+        call.leaving = ""
+        steer(call, TRANSFER_REFUSED.format(transfer_to=name))
 
 
 CALL_ACTIONS["transfer"] = transfer
@@ -1437,6 +1449,7 @@ def transfer_done(hook: Webhook) -> Response:
     status = hook.form.get("DialCallStatus", "?")
     hook.log.info("the transfer ended: %s", status)
     if status in ("completed", "answered"):
+        unstarted.pop(hook.form.get("CallSid", ""), None)  # Part 3: a drain need not wait
         return hook.answer(200, twiml("<Hangup/>"), "text/xml")
     return answer_call(hook, stream="/return-stream")
 
@@ -2208,27 +2221,27 @@ def log_what_is_off() -> None:
 
 NEW_CALLS = {"/twiml", "/outbound-twiml", "/calls", "/health"}  # 503 once the process drains
 draining = False  # set on SIGTERM or Ctrl-C: new calls are turned away, live ones finish
-unstarted: dict[str, float] = {}  # CallSid -> when we answered it, until its stream starts
+unstarted: dict[str, float] = {}  # CallSid -> when its next stream is overdue
 files_logged = 0.0  # when "too many open files" was last logged
 
 
-def expect_stream(sid: str) -> None:
-    """Note a call this process has answered: a drain waits for its stream to start."""
+def expect_stream(sid: str, within: float = START_TIMEOUT) -> None:
+    """Note a call this process has answered, or handed on: a drain waits for what comes next.
+
+    That is its stream, within START_TIMEOUT; after a transfer, the transfer's outcome.
+    """
     if CALL_SID.fullmatch(sid):
         streams_due()  # forgets the overdue ones
-        unstarted[sid] = time.monotonic()
+        unstarted[sid] = time.monotonic() + within
 
 
 def streams_due() -> float:
-    """Seconds until every call this process answered has started its stream, or is overdue.
-
-    A call is overdue START_TIMEOUT after its answer: then it is forgotten.
-    """
+    """Seconds until every call this process expects a stream for has one, or is overdue."""
     now = time.monotonic()
-    for sid, answered in list(unstarted.items()):
-        if now - answered >= START_TIMEOUT:
+    for sid, due in list(unstarted.items()):
+        if now >= due:
             del unstarted[sid]
-    return max((answered + START_TIMEOUT - now for answered in unstarted.values()), default=0)
+    return max((due - now for due in unstarted.values()), default=0)
 
 
 async def drain(server) -> None:

@@ -1769,8 +1769,36 @@ class Transfers(BridgeTest):
         await twilio.echo(mark)
         await self.log.wait_for("Twilio refused to update the call: 21220 Call is not in-progress")
         await self.log.wait_for("the transfer failed: the caller stays with the agent")
+        steer, = await agent.wait_for(lambda a: a.of("type", "reply.create"))
+        self.assertEqual(steer["instructions"], bridge.TRANSFER_REFUSED.format(
+            transfer_to="a person"))
         await self.round_trip(twilio, agent)
         self.assertEqual(agent.of("type", "session.end"), [])
+
+    async def test_transfer_and_end_call_in_one_reply_do_one_thing_and_say_so(self):
+        """Both tools in one reply, in either order: the first to answer decides, the other
+        is answered with an error saying so, and only that one thing happens."""
+        sid = "CA" + "d" * 32
+        for first, second in (("end_call", "transfer_call"), ("transfer_call", "end_call")):
+            with self.subTest(first=first):
+                rest = await self.twilio_api(**{sid: 200})
+                self.settings(TRANSFER_NUMBER="+15557654321")
+                twilio, agent = await self.start_call(call_sid=sid)
+                await agent.send({"type": "reply.started", "reply_id": "reply_tools"})
+                for tool in (first, second):
+                    await agent.send({"type": "tool.call", "call_id": tool, "name": tool,
+                                      "arguments": {}})
+                await agent.send({"type": "reply.done", "reply_id": "reply_tools"})
+                results = await agent.wait_for(lambda a: len(a.of("type", "tool.result")) == 2
+                                               and a.of("type", "tool.result"))
+                ok, = [r["call_id"] for r in results if not r["is_error"]]
+                refused, = [r for r in results if r["is_error"]]
+                self.assertIn("not done: the call is already ending", refused["result"])
+                await agent.speak("reply_last", [audio("last", 0, 300)])
+                await twilio.echo(await twilio.next_mark())
+                self.assertEqual(await twilio.closed(), 1000)
+                dialed = [r for r in rest.requests if "<Dial" in r["form"].get("Twiml", [""])[0]]
+                self.assertEqual(len(dialed), ok == "transfer_call")
 
     async def test_transfer_is_offered_only_with_a_number_and_credentials(self):
         """No TRANSFER_NUMBER, or no Twilio credentials: no transfer_call, and asking fails."""
@@ -2805,6 +2833,40 @@ class Redeploys(BridgeTest):
         self.addAsyncCleanup(process.close)
         self.port = process.port  # the calls below go to the process, not the test's server
         return process
+
+    async def test_a_transfer_that_comes_back_during_a_drain_is_carried(self):
+        """SIGTERM while a transfer rings: the process waits for its outcome, takes the caller
+        back to the agent when nobody answered, and exits once that call ends."""
+        sid = "CA" + "7" * 32
+        rest = await FakeHTTP({f"/2010-04-01/Accounts/AC{'0' * 32}/Calls/{sid}.json":
+                               (200, {"sid": sid})}).start()
+        self.addAsyncCleanup(rest.stop)
+        self.settings(TWILIO_AUTH_TOKEN="secret")  # so that the helpers sign as Twilio does
+        process = await BridgeProcess.start(
+            VOICE_AGENT_URL=self.agent.url, DRAIN_SECONDS="30", TRANSFER_NUMBER="+15557654321",
+            TWILIO_API_URL=rest.url, TWILIO_ACCOUNT_SID="AC" + "0" * 32,
+            TWILIO_AUTH_TOKEN="secret", TRANSFER_RING_SECONDS="5")
+        self.addAsyncCleanup(process.close)
+        self.port = process.port
+        twilio, agent = await self.start_call(call_sid=sid)
+        await self.agree_to(agent, "transfer_call")
+        await agent.speak("reply_handoff", [audio("handoff", 0, 300)])
+        await twilio.echo(await twilio.next_mark())
+        dial = (await rest.next_request())["form"]["Twiml"][0]
+        self.assertEqual(await twilio.closed(), 1000)
+        process.process.send_signal(signal.SIGTERM)
+        await process.wait_for("stopping: new calls are turned away")
+        action = ElementTree.fromstring(dial).find("Dial").get("action")
+        status, document = await self.callback(urllib.parse.urlsplit(action).path + "?"
+                                               + urllib.parse.urlsplit(action).query,
+                                               {"CallSid": sid, "DialCallStatus": "no-answer"})
+        self.assertEqual(status, 200)
+        back, again = await self.follow(document, sid)
+        await again.wait_for(lambda a: a.of("type", "session.update"))
+        await again.send({"type": "session.ready", "session_id": "sess_back"})
+        await self.round_trip(back, again)
+        await back.stop()
+        self.assertEqual(await process.exit_code(), 0)
 
     async def test_live_calls_finish_while_new_calls_get_503(self):
         """After SIGTERM webhooks answer 503, the live call goes on; when it ends, so does the
