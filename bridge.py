@@ -1331,7 +1331,10 @@ async def machine_detected(hook: Webhook) -> Response:
     document = twiml("<Hangup/>") if verdict == "fax" else None
     if verdict.startswith("machine_end"):
         document = stream_twiml(hook, "/voicemail-stream")
-    if document:
+    if document and (missing := missing_credentials()):
+        if seldom("verdicts without credentials"):  # nothing to act with: say so, once
+            hook.log.warning("cannot act on answering-machine verdicts: set %s", missing)
+    elif document:
         await redirect(hook.log, sid, document)
     return hook.answer(200, "")
 
@@ -1782,6 +1785,8 @@ AGENT_EVENTS["error"] = on_session_error  # AssemblyAI's older examples name it 
 # body, within limits.
 
 MAX_TWILIO_MESSAGE = 2**16  # bytes; Twilio's largest message, `start`, is far smaller
+# A request's head may be MAX_REQUEST_HEAD bytes in all; websockets itself takes at most 128
+# header lines, of 8 KiB each. Beyond either, the answer is 431.
 MAX_REQUEST_HEAD = 2**14  # bytes of HTTP request line and headers
 MAX_WEBHOOK_BODY = 2**16  # bytes; Twilio's form posts are a few hundred bytes
 HANDSHAKE_TIMEOUT = 10  # seconds for a whole HTTP request (head and body) to arrive
@@ -2015,6 +2020,10 @@ def start_problem(start: dict) -> str:
         if not isinstance(start.get(key), str) or not pattern.fullmatch(start[key]):
             return f"its {key} {str(start.get(key))[:40]!r} is not {pattern.pattern[:2]} and " \
                    "32 hex digits"
+    # A retried upgrade or a replayed signature would bill a second agent session, talking
+    # over the first. A stream that is ending (stopped, or handed on) makes way for the next.
+    if (other := streams.get(start["callSid"])) and not other.ending:
+        return f"call {start['callSid']} already has a live stream in this process"
     return ""
 
 
@@ -2085,7 +2094,10 @@ METRICS = {  # family -> its type, and what it counts
                                 "audio of the agent's answer."),
 }
 RESPONSE_BUCKETS = (0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, "+Inf")  # seconds
+METRICS_EVERY = 0.1  # seconds: /metrics is written at most this often, and kept between
+rendered = (-1.0, "")  # when /metrics was last written, and what
 live_calls: set[asyncio.Task] = set()  # the media_stream task of every call in progress
+streams: dict[str, Call] = {}  # CallSid -> its call, while its stream lasts
 counts = Counter({  # sample -> value: every sample listed from the start, in order
     **{f'bridge_calls_total{{outcome="{ending}"}}': 0 for ending in ENDINGS},
     **{family: 0 for family in METRICS  # the counts each call adds to
@@ -2097,12 +2109,15 @@ counts = Counter({  # sample -> value: every sample listed from the start, in or
 def call_began(call: Call) -> None:
     """Count a call whose stream has started as live."""
     live_calls.add(asyncio.current_task())
+    streams[call.sid] = call
     unstarted.pop(call.sid, None)
 
 
 def count_ended(call: Call) -> None:
     """Add a call that has ended to the counts."""
     live_calls.discard(asyncio.current_task())
+    if streams.get(call.sid) is call:
+        del streams[call.sid]
     counts[f'bridge_calls_total{{outcome="{call.ending or "stream_closed"}"}}'] += 1
     for name, count in call.counts.items():  # "tool calls" -> bridge_tool_calls_total
         if (family := f"bridge_{name.replace(' ', '_')}_total") in counts:
@@ -2145,7 +2160,10 @@ def summary(call: Call) -> str:
 
 def metrics(hook: Webhook) -> Response:
     """Tell Prometheus how many calls are live, how they ended, how fast the agent answers."""
-    return hook.answer(200, metrics_text(), "text/plain; version=0.0.4")
+    global rendered
+    if time.monotonic() - rendered[0] >= METRICS_EVERY:  # a scrape flood cannot starve audio
+        rendered = time.monotonic(), metrics_text()
+    return hook.answer(200, rendered[1], "text/plain; version=0.0.4")
 
 
 def health(hook: Webhook) -> Response:

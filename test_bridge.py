@@ -1585,6 +1585,18 @@ class Voicemail(BridgeTest):
             "MachineDetectionDuration": "4100"})
         return status
 
+    async def test_without_credentials_a_verdict_is_logged_once_and_nothing_sent(self):
+        """No Twilio credentials: a fax or a machine cannot be acted on; one line says what to
+        set, and no REST request goes out with an empty password."""
+        rest = await self.twilio_api(**{self.SID: 200})
+        self.settings(TWILIO_AUTH_TOKEN="")
+        for answered_by in ("fax", "machine_end_beep", "fax"):
+            self.assertEqual(await self.verdict(answered_by), 200)
+        line = await self.log.wait_for("cannot act on answering-machine verdicts: set "
+                                       "TWILIO_AUTH_TOKEN$")
+        self.assertEqual(self.log.lines.count(line), 1)
+        self.assertEqual(rest.requests, [])
+
     async def test_every_verdict(self):
         """A person or unknown: nothing changes. A fax: hang up. After the beep: a voicemail."""
         rest = await self.twilio_api(**{self.SID: 200})
@@ -1863,6 +1875,16 @@ class KeysOut(BridgeTest):
         result, = await agent.wait_for(lambda a: a.of("type", "tool.result"))
         self.assertTrue(result["is_error"])
         self.assertIn("cut off", result["result"])
+
+    async def test_tones_twilio_never_confirms_name_the_wait(self):
+        """No mark back for the tones: the error result names MARK_TIMEOUT, not the tool's."""
+        self.settings(MARK_TIMEOUT=0.2)
+        twilio, agent = await self.start_call()
+        await self.press(agent, "5")
+        result, = await agent.wait_for(lambda a: a.of("type", "tool.result"))
+        self.assertTrue(result["is_error"])
+        self.assertIn("Twilio did not say they had played within MARK_TIMEOUT (0.2 s) plus "
+                      "their length", result["result"])
 
     async def test_keys_a_phone_has_not_are_refused(self):
         """Digits outside 0-9, *, # and w get an error result, and no tone is played."""
@@ -2469,10 +2491,12 @@ class HTTPLimits(BridgeTest):
         self.assertTrue(response.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), response)
 
     async def test_huge_request_head_gets_431(self):
-        """A request head over MAX_REQUEST_HEAD gets 431."""
-        status, _, _ = await self.http("GET", "/twiml", headers={
-            "X-Padding": "x" * bridge.MAX_REQUEST_HEAD})
-        self.assertEqual(status, 431)
+        """A request head over MAX_REQUEST_HEAD, 129 headers, or a line over 8 KiB: 431."""
+        for headers in ({"X-Padding": "x" * bridge.MAX_REQUEST_HEAD},
+                        {f"X-{n}": "y" for n in range(129)}, {"X-Long": "y" * 8200}):
+            with self.subTest(size=len(str(headers))):
+                status, _, _ = await self.http("GET", "/twiml", headers=headers)
+                self.assertEqual(status, 431)
 
     async def raw(self, head: str, body: bytes = b"") -> str:
         """Send a request exactly as written; return the status line of the answer."""
@@ -2515,6 +2539,24 @@ class HostileInput(BridgeTest):
                                             additional_headers=headers))
         await twilio.send({"event": "start", "start": start})
         return twilio
+
+    async def test_a_second_stream_for_a_live_call_is_refused(self):
+        """Two more streams with a live call's CallSid (a retried upgrade, a replayed
+        signature): each closed with one line, no agent session; the first call goes on."""
+        twilio, agent = await self.start_call()
+        for _ in range(2):
+            again = await TwilioStream.open(self.port)
+            self.assertEqual(await again.closed(), 1000)
+        await self.log.wait_for(f"refusing a Media Stream: call {CALL_SID} already has a live "
+                                "stream in this process")
+        self.assertTrue(self.agent.sessions.empty())
+        self.assertEqual(len(self.agent.headers), 1)
+        await self.round_trip(twilio, agent)
+        await twilio.stop()
+        await agent.closed()
+        after = await TwilioStream.open(self.port)  # that call is over: a new stream is a call
+        await self.agent.next_session()
+        await after.stop()
 
     async def test_malformed_ids_are_refused_before_any_agent_session(self):
         """A callSid or streamSid that is not CA/MZ and 32 hex digits closes the stream."""
@@ -2644,6 +2686,10 @@ class HostileInput(BridgeTest):
 class Metrics(BridgeTest):
     """GET /metrics and /health: what an operator needs, and nothing secret."""
 
+    async def asyncSetUp(self):
+        await super().asyncSetUp()
+        self.settings(METRICS_EVERY=0)  # written afresh for every scrape, but in the test below
+
     async def metrics(self) -> dict[str, float]:
         status, kind, body = await self.http("GET", "/metrics")
         self.assertEqual((status, kind), (200, "text/plain; version=0.0.4"))
@@ -2677,6 +2723,24 @@ class Metrics(BridgeTest):
         self.assertEqual(after['bridge_response_seconds_bucket{le="0.25"}'], 0)
         self.assertEqual(after['bridge_response_seconds_bucket{le="+Inf"}'], 1)
         self.assertAlmostEqual(after["bridge_response_seconds_sum"], waited / 1000, delta=0.002)
+
+    async def test_a_scrape_flood_is_answered_from_one_rendering_a_tenth_of_a_second(self):
+        """200 scrapes as fast as they come: the text is written at most every 100 ms."""
+        self.settings(METRICS_EVERY=0.1, rendered=(-1.0, ""))
+        renderings = []
+
+        def counted():
+            renderings.append(asyncio.get_running_loop().time())
+            return "bridge_calls_active 0\n"
+
+        self.settings(metrics_text=counted)
+        began = asyncio.get_running_loop().time()
+        for _ in range(200):
+            status, _, body = await self.http("GET", "/metrics")
+            self.assertEqual((status, body), (200, "bridge_calls_active 0\n"))
+        seconds = asyncio.get_running_loop().time() - began
+        self.assertLessEqual(len(renderings), seconds / 0.1 + 1)
+        self.assertTrue(all(b - a >= 0.1 for a, b in zip(renderings, renderings[1:])))
 
     async def test_tool_calls_and_failures_are_counted(self):
         """Each tool call, and each that raised, is counted when the call ends."""
