@@ -1236,6 +1236,9 @@ class Agents(BridgeTest):
             '"+15552223333": {"voice": "Jane"}':
                 "AGENTS['+15552223333']: voice 'Jane' has capitals (check AGENT_VOICE, or the "
                 "voice in AGENTS: names are lowercase)",
+            '"+15552223333": {"transfers": {"desk": "sip:desk\\x07@example.com"}}':
+                "AGENTS['+15552223333']: transfers: 'sip:desk\\x07@example.com' is not a +E.164 "
+                "number or a sip: address",
             '"+15552223333": {"transfers": {"sales": "555-1234"}}':
                 "AGENTS['+15552223333']: transfers: '555-1234' is not a +E.164 number or a sip: "
                 "address",
@@ -1486,6 +1489,9 @@ class OutboundCommand(unittest.IsolatedAsyncioTestCase):
                                                    "stay under 500 bytes",
             ("5551234567", "name=Ada"): "'5551234567' is not a phone number in E.164 form "
                                         "(+15551234567) or a sip: address",
+            ("+1\u0665\u0665\u0665\u0661\u0662\u0663\u0664",): "'+1\u0665\u0665\u0665\u0661\u0662\u0663\u0664' "
+                                                      "is not a phone number in E.164 form "
+                                                      "(+15551234567) or a sip: address",
         }
         for arguments, reason in cases.items():
             with self.subTest(arguments=arguments):
