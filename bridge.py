@@ -1598,29 +1598,37 @@ async def calls_api(hook: Webhook) -> Response:
 async def place_for_api(hook: Webhook, to: str, variables: dict) -> Response:
     """Place the call in a calls API thread; 201 with its SID, or 502 with Twilio's reason."""
     global calls_in_flight
-    calls_in_flight += 1
-    loop = asyncio.get_running_loop()
-    placing = loop.run_in_executor(CALLS_THREADS, placed_and_logged,
-                                   public_base_url(hook.request), to, variables)
-    try:  # placed and logged in the thread: a client that hangs up cannot stop the log line
-        sid = await asyncio.wait_for(placing, CALLS_API_WAIT)
+    calls_in_flight += 1  # until its thread is done, answered or not: no request ever waits
+    placing = asyncio.get_running_loop().run_in_executor(
+        CALLS_THREADS, placed_and_logged, public_base_url(hook.request), to, variables)
+    placing.add_done_callback(thread_done)
+    try:
+        sid = await asyncio.wait_for(asyncio.shield(placing), CALLS_API_WAIT)
     except TimeoutError:
         return json_answer(hook, 504, {"error": "Twilio did not answer in time: the call may "
                                                 "still be placed, and logged with its SID"})
     except TwilioError as exc:
-        log.warning("the calls API could not place a call to %s: %s", to, exc.saying("it"))
         return json_answer(hook, 502, {"error": "Twilio refused the call", **exc.refusal}
                            if exc.refusal is not None else {"error": str(exc)})
-    finally:
-        calls_in_flight -= 1
     return json_answer(hook, 201, {"sid": sid})
 
 
 def placed_and_logged(base: str, to: str, variables: dict) -> str:
-    """place_call, and a log line with the SID Twilio gave it."""
-    sid = place_call(base, to, variables)
+    """place_call, and a log line either way: a client that hangs up cannot stop it."""
+    try:
+        sid = place_call(base, to, variables)
+    except TwilioError as exc:
+        log.warning("the calls API could not place a call to %s: %s", to, exc.saying("it"))
+        raise
     CallLog(log, {"call_sid": sid}).info("placed a call to %s for the calls API", to)
     return sid
+
+
+def thread_done(placing: asyncio.Future) -> None:
+    """A calls API thread is free again."""
+    global calls_in_flight
+    calls_in_flight -= 1
+    placing.exception()  # answered by place_for_api, or, after a 504, logged in the thread
 
 
 def too_many_calls(hook: Webhook) -> Response:
@@ -1866,7 +1874,7 @@ def body_length(head: bytes) -> int | str:
         if len(fields.get(name, [])) > 1 and (name != b"x-twilio-signature" or TWILIO_AUTH_TOKEN):
             return f"400 Bad Request: {len(fields[name])} {name.decode().title()} headers"
     if len(lengths) > 1:
-        return "400 Bad Request: two lengths"
+        return "400 Bad Request: Content-Length given twice, as two values"
     if b"transfer-encoding" in fields or (lines[0].startswith(b"POST ") and not lengths):
         return "411 Length Required"
     length = lengths.pop() if lengths else b"0"

@@ -2104,6 +2104,22 @@ class CallsAPI(BridgeTest):
         for twilio, _ in live:
             await twilio.closed()
 
+    async def test_a_twilio_slower_than_the_wait_gets_504_and_holds_its_place(self):
+        """Twilio answers after the calls API stops waiting: 504, the call still logged when
+        placed; until then its thread is busy, and a request beyond the bound gets 503."""
+        self.settings(CALLS_API_WAIT=0.3, CALLS_IN_FLIGHT=1)
+        self.rest.delay = 1
+        self.assertEqual((await self.post(form={"to": "+15550001111"}))[0], 504)
+        self.assertEqual((await self.post(form={"to": "+15550002222"}))[0], 503)
+        await self.log.wait_for(r"placed a call to \+15550001111 for the calls API$")
+        self.assertEqual([r["form"]["To"] for r in self.rest.requests], [["+15550001111"]])
+        async with asyncio.timeout(TIMEOUT):  # the thread's end frees its place
+            while bridge.calls_in_flight:
+                await asyncio.sleep(0.01)
+        self.rest.delay = 0
+        self.assertEqual(await self.post(form={"to": "+15550003333"}),
+                         (201, {"sid": "CA" + "f" * 32}))
+
     async def test_twilios_refusal_gets_502_with_its_code_and_message(self):
         """Twilio says no: 502, with Twilio's own code and message."""
         self.rest.answers[self.CALLS] = (400, {"code": 21215, "status": 400, "message":
