@@ -162,6 +162,8 @@ AGENTS = {
     },
 }
 GUIDANCE: list[str] = []  # what every agent is told of Part 2's features, after its prompt
+# What a tool function gets by naming it as a parameter: the call's facts, and Part 2's own.
+GIVEN = {"call": lambda call: dict(call.facts)}
 
 
 def agent_for(number: str) -> dict:
@@ -295,6 +297,7 @@ class Call:
     responses: list[float] = field(default_factory=list)  # seconds the caller waited, each turn
     # Parts 2 and 3 keep their state here, each under its chapter's name.
     steering: Steering = field(default_factory=lambda: Steering())
+    tuning: Tuning = field(default_factory=lambda: Tuning())
     silence: Silence = field(default_factory=lambda: Silence())
     retries: Retries = field(default_factory=lambda: Retries())
 
@@ -402,9 +405,7 @@ async def open_session(call: Call) -> None:
 def session_update(call: Call) -> dict:
     """The first message to the agent: who it is, the call's facts, mu-law audio both ways."""
     agent = call.persona
-    hearing = {"format": {"encoding": "audio/pcmu"}}
-    if agent["keyterms"]:
-        hearing["keyterms"] = list(agent["keyterms"])
+    hearing = {"format": {"encoding": "audio/pcmu"}, **tuned_hearing(call)}  # Part 2: turns...
     output = {"format": {"encoding": "audio/pcmu"}}
     if agent["voice"]:
         output["voice"] = agent["voice"]
@@ -453,12 +454,13 @@ async def converse(call: Call) -> None:
     tasks = {asyncio.create_task(caller_to_agent(call)),
              asyncio.create_task(agent_to_caller(call)),
              asyncio.create_task(call.over.wait())}  # the bridge ends it: goodbye, transfer
-    try:
-        done, _ = await asyncio.wait(tasks, timeout=MAX_CALL_SECONDS,
+    time_the_call(call)  # Part 2: a warning before MAX_CALL_SECONDS, and a goodbye at it
+    try:  # ...and, so that a stuck call cannot run up the bill for hours, a cut after it
+        done, _ = await asyncio.wait(tasks, timeout=MAX_CALL_SECONDS + LAST_WORDS_TIMEOUT,
                                      return_when=asyncio.FIRST_COMPLETED)
-        if not done:  # so that a stuck call cannot run up the bill for hours
-            call.log.warning("the call reached MAX_CALL_SECONDS (%g s): hanging up",
-                             MAX_CALL_SECONDS)
+        if not done:
+            call.log.warning("the call went on %g s past MAX_CALL_SECONDS: hanging up",
+                             LAST_WORDS_TIMEOUT)
             call.ending = "time_limit"
     finally:
         for task in tasks:
@@ -566,8 +568,8 @@ async def on_speech_started(call: Call, event: dict) -> None:
     # Twilio play out what it has buffered. If it was only an "uh-huh", the reply goes on.
     call.last_event, call.stopped_talking = "input.speech.started", 0
     caller_active(call)  # Part 2: the caller is there, so any silence starts over
-    if not tones_playing(call):  # Part 2: never cut the key tones the bridge plays
-        await clear(call)
+    if interruptible(call) and not tones_playing(call):  # Part 2: unless the agent, or the key
+        await clear(call)  # tones it plays, are not to be cut
 
 
 async def on_speech_stopped(call: Call, event: dict) -> None:
@@ -577,6 +579,7 @@ async def on_speech_stopped(call: Call, event: dict) -> None:
 
 async def on_reply_done(call: Call, event: dict) -> None:
     call.last_event, call.replying = "reply.done", False
+    await greeting_over(call)  # Part 2: a greeting nobody could cut off is over
     if event.get("status") == "interrupted":  # the caller talked over the reply
         call.counts["barge-ins"] += 1
         call.interrupted.add(event.get("reply_id") or call.reply_id)
@@ -676,13 +679,9 @@ async def run_tool(call: Call, call_id: str, name: str, arguments: dict, reply_i
 
 
 async def invoke(function, arguments: dict, call: Call):
-    """Call a tool's function with the model's arguments, and what else it asks for.
-
-    That is the call's facts (`call`), or a way to play audio into the call (`play`, Part 2).
-    """
+    """Call a tool's function with the model's arguments, and what else it asks for (GIVEN)."""
     wanted = inspect.signature(function).parameters
-    given = {"call": lambda: dict(call.facts), "play": lambda: partial(play, call)}
-    arguments = {**arguments, **{name: give() for name, give in given.items() if name in wanted}}
+    arguments = {**arguments, **{name: give(call) for name, give in GIVEN.items() if name in wanted}}
     if inspect.iscoroutinefunction(function):
         running = function(**arguments)
     else:
@@ -1029,6 +1028,7 @@ DESTINATION = re.compile(E164.pattern + r"|sip:[!#-&(-;=?-~]+")
 AGENT_KEYS = {"system_prompt": (str,), "greeting": (str, tuple), "outbound_greeting": (str, tuple),
               "voicemail": (str, tuple), "voice": (str,), "tools": (list,), "keyterms": (list,),
               "transfers": (dict,)}  # what each key of an AGENTS entry holds
+AGENT_CHECKS: dict = {}  # optional key -> what is wrong with its value, "" if nothing
 KIND_WORDS = {str: "a string", tuple: "a tuple of strings", list: "a list of strings",
               dict: "a dict from names to numbers"}
 VOICE_HINT = "check AGENT_VOICE, or the voice in AGENTS: names are lowercase"
@@ -1050,9 +1050,11 @@ def agent_problem(number: str, agent) -> str:
 
 def value_problem(key: str, value) -> str:
     """What is wrong with one key's value in an AGENTS entry, or "" if nothing is."""
+    if key in AGENT_CHECKS:  # the keys Part 2's chapters add, each with its own check
+        return AGENT_CHECKS[key](value)
     kinds = AGENT_KEYS.get(key)
     if kinds is None:
-        return f"unknown key {key!r} (known keys: {', '.join(AGENT_KEYS)})"
+        return f"unknown key {key!r} (known keys: {', '.join([*AGENT_KEYS, *AGENT_CHECKS])})"
     items = [value] if isinstance(value, str) else value
     if not isinstance(value, kinds) or not all(isinstance(item, str) for item in items):
         return f"{key} must be " + " or ".join(KIND_WORDS[kind] for kind in kinds)
@@ -1216,6 +1218,115 @@ def on_silence(call: Call) -> None:
           "say goodbye" if goodbye else None)
     call.silence.in_a_row += 1
     call.counts["silence nudges"] += 1
+
+
+# ------------------------------------------------------------------- tuning the conversation
+# Each AGENTS entry may tune how its conversation takes turns, with the Voice Agent API's own
+# fields: "turn_detection" (vad_threshold, min_silence, max_silence, interrupt_response,
+# interruption_delay), "transcription_mode" and "language_codes". "protect_greeting": the
+# greeting cannot be cut off (a recording notice, a company's name), though the caller's
+# words are still heard; then the entry's own turn-taking comes back. "time_warning_seconds"
+# (60; 0: none): that long before MAX_CALL_SECONDS the agent is asked to wrap up, and at it, to
+# say goodbye; the call ends once the goodbye has been heard.
+
+TIME_WARNING = ("The call must end in about a minute. Tell the caller so, kindly, and help them "
+                "wrap up.")
+TIME_UP = "The call's time is up. Say a short, friendly goodbye: the call ends after it."
+CALL_ACTIONS["time up"] = partial(hang_up, ending="time_limit")
+
+
+@dataclass
+class Tuning:
+    """What a call's tuning keeps."""
+
+    protecting: bool = False  # the greeting is playing, and nothing may cut it off
+
+
+def tuned_hearing(call: Call) -> dict:
+    """The session's input settings besides the audio format: keyterms and turn-taking."""
+    agent, hearing = call.persona, {}
+    if agent["keyterms"]:
+        hearing["keyterms"] = list(agent["keyterms"])
+    for key in ("transcription_mode", "language_codes"):
+        if key in agent:
+            hearing[key] = agent[key]
+    turns = dict(agent.get("turn_detection", {}))
+    if agent.get("protect_greeting") and call.greeting:
+        call.tuning.protecting, turns["interrupt_response"] = True, False
+    if turns:
+        hearing["turn_detection"] = turns
+    return hearing
+
+
+def interruptible(call: Call) -> bool:
+    """Whether the caller's speech may cut the agent off: not a protected greeting, nor an
+    agent set not to be interrupted."""
+    turns = call.persona.get("turn_detection", {})
+    return not call.tuning.protecting and turns.get("interrupt_response", True)
+
+
+async def greeting_over(call: Call) -> None:
+    """The protected greeting has been spoken: the entry's own turn-taking comes back."""
+    if call.tuning.protecting:
+        call.tuning.protecting = False
+        turns = {**call.persona.get("turn_detection", {}), "interrupt_response":
+                 call.persona.get("turn_detection", {}).get("interrupt_response", True)}
+        with suppress(ConnectionClosed):  # stated in full: a partial update may replace
+            await call.agent.send(json.dumps({"type": "session.update", "session": {
+                "input": {"turn_detection": turns}}}))
+
+
+def time_the_call(call: Call) -> None:
+    """Warn the agent before MAX_CALL_SECONDS, and have it say goodbye at it."""
+    warning = call.persona.get("time_warning_seconds", 60)
+    if 0 < warning < MAX_CALL_SECONDS:
+        set_timer(call, "time warning", MAX_CALL_SECONDS - warning,
+                  partial(steer, instructions=TIME_WARNING))
+    set_timer(call, "time up", MAX_CALL_SECONDS, time_up)
+
+
+def time_up(call: Call) -> None:
+    """MAX_CALL_SECONDS: the agent says goodbye, and the call ends once it has been heard."""
+    call.log.warning("the call reached MAX_CALL_SECONDS (%g s): the agent says goodbye",
+                     MAX_CALL_SECONDS)
+    steer(call, TIME_UP, "time up")
+
+
+def turns_problem(turns) -> str:
+    """What is wrong with an entry's turn_detection, or "" if nothing is."""
+    if not isinstance(turns, dict):
+        return "turn_detection must be a dict"
+    for key, value in turns.items():
+        low, high = TURN_RANGES.get(key, (None, None))
+        if key == "interrupt_response" and not isinstance(value, bool):
+            return "turn_detection.interrupt_response must be True or False"
+        if key != "interrupt_response" and (low is None or not in_range(value, low, high)):
+            return (f"turn_detection.{key} must be a number in [{low}, {high}]" if low is not None
+                    else f"turn_detection has no key {key!r} (keys: {', '.join(TURN_RANGES)})")
+    if turns.get("min_silence", 0) >= turns.get("max_silence", 10001):
+        return "turn_detection.min_silence must be less than max_silence"
+    return ""
+
+
+def in_range(value, low: float, high: float) -> bool:
+    """Whether value is a number (not a bool) from low to high."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+
+
+TURN_RANGES = {"vad_threshold": (0, 1), "min_silence": (50, 10000), "max_silence": (50, 10000),
+               "interrupt_response": (None, None), "interruption_delay": (0, 1000)}
+AGENT_CHECKS.update({
+    "turn_detection": turns_problem,
+    "transcription_mode": lambda mode: "" if mode in ("min_latency", "balanced", "max_accuracy")
+    else "transcription_mode must be min_latency, balanced or max_accuracy",
+    "language_codes": lambda codes: "" if isinstance(codes, list) and all(
+        isinstance(code, str) and code for code in codes) else "language_codes must be a list "
+                                                               "of language codes, like \"es\"",
+    "protect_greeting": lambda protect: "" if isinstance(protect, bool)
+    else "protect_greeting must be True or False",
+    "time_warning_seconds": lambda seconds: "" if in_range(seconds, 0, math.inf)
+    else "time_warning_seconds must be a number of seconds, 0 for none",
+})
 
 
 # ------------------------------------------------ outbound calls, answering machines and voicemail
@@ -1532,6 +1643,48 @@ TOOLS["send_digits"] = {
                 "extension followed by #.",
 }
 AGENTS["default"]["tools"].append("send_digits")
+GIVEN["play"] = lambda call: partial(play, call)  # a tool with a `play` parameter plays audio
+
+
+# --------------------------------------------------------------------------- texts during a call
+# send_text lets the agent text the person on the call ("I've texted you the link"), from the
+# number the call is on, through Twilio's Messages resource. It takes no number from the model:
+# it texts only the caller. At most MAX_TEXTS a call, of MAX_TEXT characters. Whether the
+# caller agreed to texts, and when they may get them, is yours to decide.
+
+MAX_TEXTS = 3  # texts one call may send
+MAX_TEXT = 640  # characters in one text
+
+
+async def send_text(message: str, call: dict, counts: Counter) -> str:
+    """Text the person on the call; return once Twilio has taken the message."""
+    message = CONTROL_CHARACTERS.sub("", message) if isinstance(message, str) else ""
+    if not message or len(message) > MAX_TEXT:
+        raise ValueError(f"the text has {len(message)} characters: send 1 to {MAX_TEXT}")
+    if counts["texts sent"] >= MAX_TEXTS:
+        raise ValueError(f"{MAX_TEXTS} texts have been sent on this call already: no more")
+    ours, theirs = numbers(call)
+    form = [("From", ours), ("To", theirs), ("Body", message)]
+    try:
+        await in_twilio_thread(twilio_api, "Messages.json", form)
+    except TwilioError as exc:
+        raise RuntimeError(exc.saying("the text")) from None
+    counts["texts sent"] += 1
+    return "sent"
+
+
+TOOLS["send_text"] = {
+    "description": "Send the caller a text message (SMS) on this phone number, for what is "
+                   "easier read than heard: a link, an address, a reference number.",
+    "parameters": {"type": "object", "required": ["message"], "properties": {"message": {
+        "type": "string", "description": f"The text, at most {MAX_TEXT} characters."}}},
+    "function": send_text,
+    "guidance": "If the caller would rather read something (a link, an address), offer to text "
+                "it with send_text, and say so once it is sent.",
+    "offered": lambda agent: not missing_credentials(),
+}
+AGENTS["default"]["tools"].append("send_text")
+GIVEN["counts"] = lambda call: call.counts  # a tool with a `counts` parameter keeps counts
 
 
 # --------------------------------------------------------------------------------------- recording

@@ -898,12 +898,28 @@ class HangUps(BridgeTest):
         self.assertEqual(leftovers, [])
 
     async def test_call_longer_than_max_call_seconds_is_hung_up(self):
-        """After MAX_CALL_SECONDS the agent session is ended and the stream closed."""
+        """At MAX_CALL_SECONDS the agent says goodbye; once it has been heard, the agent
+        session ends and the stream closes."""
         self.settings(MAX_CALL_SECONDS=1)
+        twilio, agent = await self.start_call(call_sid="CA" + "3" * 32)
+        steer, = await agent.wait_for(lambda a: a.of("type", "reply.create"), 2 * TIMEOUT)
+        self.assertEqual(steer["instructions"], bridge.TIME_UP)
+        await self.log.wait_for(r"the call reached MAX_CALL_SECONDS \(1 s\): the agent says "
+                                "goodbye")
+        await agent.speak("reply_bye", [audio("bye", 0, 300)])
+        self.assertEqual(agent.of("type", "session.end"), [])
+        await twilio.echo(await twilio.next_mark())
+        await agent.wait_for(lambda a: a.of("type", "session.end"))
+        self.assertEqual(await twilio.closed(), 1000)
+        await self.log.wait_for(r"^\[CA3{32}\] call ended after [\d.]+ s \(MAX_CALL_SECONDS\)")
+
+    async def test_a_call_whose_goodbye_never_comes_is_cut_after_the_limit(self):
+        """If the goodbye never comes, the call is cut LAST_WORDS_TIMEOUT past the limit."""
+        self.settings(MAX_CALL_SECONDS=0.5, LAST_WORDS_TIMEOUT=0.3)
         twilio, agent = await self.start_call()
         await agent.wait_for(lambda a: a.of("type", "session.end"))
         self.assertEqual(await twilio.closed(), 1000)
-        await self.log.wait_for(r"the call reached MAX_CALL_SECONDS \(1 s\): hanging up")
+        await self.log.wait_for(r"the call went on 0.3 s past MAX_CALL_SECONDS: hanging up")
 
     async def test_twilio_socket_dropping_ends_the_agent_session(self):
         """If Twilio's socket closes without a stop, the agent session is still ended."""
@@ -1226,7 +1242,9 @@ class Agents(BridgeTest):
                 "AGENTS['+15552223333']: tools names 'fly', which is not in TOOLS",
             '"+15552223333": {"prompt": "Hi"}':
                 "AGENTS['+15552223333']: unknown key 'prompt' (known keys: system_prompt, "
-                "greeting, outbound_greeting, voicemail, voice, tools, keyterms, transfers)",
+                "greeting, outbound_greeting, voicemail, voice, tools, keyterms, transfers, "
+                "turn_detection, transcription_mode, language_codes, protect_greeting, "
+                "time_warning_seconds)",
             '"5552223333": {}': "AGENTS['5552223333']: a key must be \"default\" or one of your "
                                 "numbers in E.164 form (+15551234567)",
             '"+15552223333": {"keyterms": "Acme"}':
