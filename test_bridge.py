@@ -1251,6 +1251,18 @@ class Agents(BridgeTest):
                 "AGENTS['+15552223333']: keyterms must be a list of strings",
             '"+15552223333": {"greeting": ["Hi"]}':
                 "AGENTS['+15552223333']: greeting must be a string or a tuple of strings",
+            '"+15552223333": {"turn_detection": {"vad_threshold": 2}}':
+                "AGENTS['+15552223333']: turn_detection.vad_threshold must be a number in "
+                "[0, 1]",
+            '"+15552223333": {"turn_detection": {"min_silence": 900, "max_silence": 800}}':
+                "AGENTS['+15552223333']: turn_detection.min_silence must be less than "
+                "max_silence",
+            '"+15552223333": {"turn_detection": {"max_silence": 20000}}':
+                "AGENTS['+15552223333']: turn_detection.max_silence must be a number in "
+                "[50, 10000]",
+            '"+15552223333": {"transcription_mode": "fast"}':
+                "AGENTS['+15552223333']: transcription_mode must be min_latency, balanced or "
+                "max_accuracy",
             '"+15552223333": {"voice": "Jane"}':
                 "AGENTS['+15552223333']: voice 'Jane' has capitals (check AGENT_VOICE, or the "
                 "voice in AGENTS: names are lowercase)",
@@ -1447,6 +1459,148 @@ class Silence(BridgeTest):
         await self.next_steer(agent, 1)
         self.assertEqual([m["type"] for m in agent.received if m["type"] != "input.audio"][-2:],
                          ["tool.result", "reply.create"])
+
+
+class Tuning(BridgeTest):
+    """Each agent tunes its turn-taking and language, may protect its greeting, and is warned
+    before its time runs out."""
+
+    SPANISH = {"system_prompt": "Eres la recepción de Acme. Habla en español.",
+               "greeting": "Hola, esta llamada se graba. ¿En qué puedo ayudarle?",
+               "protect_greeting": True, "language_codes": ["es"],
+               "transcription_mode": "max_accuracy",
+               "turn_detection": {"vad_threshold": 0.6, "min_silence": 400,
+                                  "max_silence": 2000, "interruption_delay": 300}}
+
+    async def test_the_entrys_settings_go_in_the_first_session_update(self):
+        """turn_detection, transcription_mode and language_codes are the API's input fields;
+        a protected greeting starts with interrupt_response off."""
+        self.agents("+15552223333", **self.SPANISH)
+        await TwilioStream.open(self.port, parameters={"To": "+15552223333"})
+        agent = await self.agent.next_session()
+        update, = await agent.wait_for(lambda a: a.of("type", "session.update"))
+        self.assertEqual(update["session"]["input"], {
+            "format": {"encoding": "audio/pcmu"}, "transcription_mode": "max_accuracy",
+            "language_codes": ["es"], "turn_detection": {
+                "vad_threshold": 0.6, "min_silence": 400, "max_silence": 2000,
+                "interruption_delay": 300, "interrupt_response": False}})
+
+    async def test_a_protected_greeting_plays_whole_and_then_turns_come_back(self):
+        """Speech during the greeting: no clear, every frame reaches Twilio; after it one
+        session.update restores the entry's turn_detection, and the next reply is
+        interruptible again."""
+        self.agents("+15552223333", **self.SPANISH)
+        twilio = await TwilioStream.open(self.port, parameters={"To": "+15552223333"})
+        agent = await self.agent.next_session()
+        await agent.send({"type": "session.ready", "session_id": "sess_es"})
+        greeting = [audio("hola", n, 300) for n in range(3)]
+        await agent.send({"type": "reply.started", "reply_id": "reply_greeting"})
+        await agent.send({"type": "reply.audio", "reply_id": "reply_greeting",
+                          "data": greeting[0]})
+        await agent.send({"type": "input.speech.started"})  # the caller talks over it
+        for frame in greeting[1:]:
+            await agent.send({"type": "reply.audio", "reply_id": "reply_greeting",
+                              "data": frame})
+        await agent.send({"type": "reply.done", "reply_id": "reply_greeting"})
+        updates = await agent.wait_for(lambda a: len(a.of("type", "session.update")) == 2
+                                       and a.of("type", "session.update"))
+        self.assertEqual(updates[1]["session"], {"input": {"turn_detection": {
+            **self.SPANISH["turn_detection"], "interrupt_response": True}}})
+        await twilio.wait_for(lambda t: len(t.played()) == 3)
+        self.assertEqual((twilio.played(), twilio.of("event", "clear")), (greeting, []))
+        await agent.send({"type": "reply.started", "reply_id": "reply_2"})
+        await agent.send({"type": "input.speech.started"})
+        await twilio.wait_for(lambda t: t.of("event", "clear"))
+
+    async def test_an_agent_that_may_not_be_interrupted_is_never_cleared(self):
+        """interrupt_response False: the caller's speech sends Twilio no clear."""
+        self.agents(turn_detection={"interrupt_response": False})
+        twilio, agent = await self.start_call()
+        update = agent.of("type", "session.update")[0]["session"]
+        self.assertEqual(update["input"]["turn_detection"], {"interrupt_response": False})
+        await agent.send({"type": "reply.started", "reply_id": "reply_1"})
+        await agent.send({"type": "input.speech.started"})
+        await self.round_trip(twilio, agent)
+        voice = audio("on", 0, 300)
+        await agent.send({"type": "reply.audio", "reply_id": "reply_1", "data": voice})
+        await twilio.wait_for(lambda t: voice in t.played())
+        self.assertEqual(twilio.of("event", "clear"), [])
+
+    async def test_a_warning_before_the_limit_then_a_goodbye_at_it(self):
+        """time_warning_seconds before MAX_CALL_SECONDS the agent is asked to wrap up (never
+        mid-reply); at the limit, to say goodbye; with 0, no warning."""
+        for warning, wanted in ((0.4, [bridge.TIME_WARNING, bridge.TIME_UP]),
+                                (0, [bridge.TIME_UP])):
+            with self.subTest(warning=warning):
+                self.settings(MAX_CALL_SECONDS=0.8)
+                self.agents(time_warning_seconds=warning)
+                began = asyncio.get_running_loop().time()
+                twilio, agent = await self.start_call()
+                for n, instructions in enumerate(wanted, 1):
+                    steers = await agent.wait_for(
+                        lambda a: len(a.of("type", "reply.create")) == n
+                        and a.of("type", "reply.create"), 2 * TIMEOUT)
+                    self.assertEqual(steers[-1]["instructions"], instructions)
+                    await agent.speak(f"reply_{n}", [audio("words", n, 300)])
+                self.assertGreaterEqual(asyncio.get_running_loop().time() - began, 0.8)
+                await twilio.echo(await twilio.wait_for(
+                    lambda t: next((m for m in t.of("event", "mark")
+                                    if m["mark"]["name"].startswith("last-words")), None)))
+                self.assertEqual(await twilio.closed(), 1000)
+
+
+class Texts(BridgeTest):
+    """send_text texts the caller, from the call's number, at most 3 texts of 640 characters."""
+
+    MESSAGES = "/2010-04-01/Accounts/AC" + "0" * 32 + "/Messages.json"
+
+    async def text(self, agent: AgentSession, message, n: int) -> dict:
+        await agent.send({"type": "reply.started", "reply_id": f"reply_{n}"})
+        await agent.send({"type": "tool.call", "call_id": f"t{n}", "name": "send_text",
+                          "arguments": {"message": message}})
+        await agent.send({"type": "reply.done", "reply_id": f"reply_{n}"})
+        return (await agent.wait_for(lambda a: [r for r in a.of("type", "tool.result")
+                                                if r["call_id"] == f"t{n}"]))[0]
+
+    async def test_texts_go_to_the_caller_from_our_number_within_bounds(self):
+        """Sent from To to From inbound; control characters dropped; a fourth, or 641
+        characters, refused with why; Twilio's refusal told to the agent."""
+        rest = await self.twilio_api()
+        rest.answers[self.MESSAGES] = (201, {"sid": "SM" + "1" * 32})
+        twilio, agent = await self.start_call(parameters={
+            "From": "+15550001111", "To": "+15552223333", "Direction": "inbound"})
+        tools = agent.of("type", "session.update")[0]["session"]["tools"]
+        self.assertIn("send_text", [tool["name"] for tool in tools])
+        result = await self.text(agent, "Your link:\x07 https://example.com/a", 1)
+        self.assertEqual((result["result"], result["is_error"]), ('"sent"', False))
+        self.assertEqual(rest.requests[-1]["form"], {"From": ["+15552223333"],
+                                                     "To": ["+15550001111"],
+                                                     "Body": ["Your link: https://example.com/a"]})
+        too_long = await self.text(agent, "x" * 641, 2)
+        self.assertTrue(too_long["is_error"])
+        self.assertIn("the text has 641 characters: send 1 to 640", too_long["result"])
+        for n in (3, 4):
+            self.assertFalse((await self.text(agent, f"text {n}", n))["is_error"])
+        fourth = await self.text(agent, "one more", 5)
+        self.assertIn("3 texts have been sent on this call already", fourth["result"])
+        self.assertEqual(len(rest.requests), 3)
+
+    async def test_twilios_refusal_reaches_the_agent_and_no_credentials_no_tool(self):
+        """Twilio says no: the error result carries its message. Without credentials the
+        tool is not offered."""
+        rest = await self.twilio_api()
+        rest.answers[self.MESSAGES] = (400, {"code": 21610, "message": "Attempt to send to "
+                                             "unsubscribed recipient"})
+        twilio, agent = await self.start_call(parameters={"From": "+15550001111"})
+        result = await self.text(agent, "hello", 1)
+        self.assertTrue(result["is_error"])
+        self.assertIn("Twilio refused the text: 21610 Attempt to send to unsubscribed recipient",
+                      result["result"])
+        self.settings(TWILIO_ACCOUNT_SID="")
+        await twilio.stop()
+        _, again = await self.start_call(call_sid="CA" + "2" * 32)
+        tools = again.of("type", "session.update")[0]["session"]["tools"]
+        self.assertNotIn("send_text", [tool["name"] for tool in tools])
 
 
 class OutboundCommand(unittest.IsolatedAsyncioTestCase):
