@@ -681,7 +681,8 @@ async def run_tool(call: Call, call_id: str, name: str, arguments: dict, reply_i
 async def invoke(function, arguments: dict, call: Call):
     """Call a tool's function with the model's arguments, and what else it asks for (GIVEN)."""
     wanted = inspect.signature(function).parameters
-    arguments = {**arguments, **{name: give(call) for name, give in GIVEN.items() if name in wanted}}
+    given = {name: give(call) for name, give in GIVEN.items() if name in wanted}
+    arguments = {**arguments, **given}  # what the model sent cannot stand in for these
     if inspect.iscoroutinefunction(function):
         running = function(**arguments)
     else:

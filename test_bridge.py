@@ -1661,9 +1661,9 @@ class OutboundCommand(unittest.IsolatedAsyncioTestCase):
                                                    "stay under 500 bytes",
             ("5551234567", "name=Ada"): "'5551234567' is not a phone number in E.164 form "
                                         "(+15551234567) or a sip: address",
-            ("+1\u0665\u0665\u0665\u0661\u0662\u0663\u0664",): "'+1\u0665\u0665\u0665\u0661\u0662\u0663\u0664' "
-                                                      "is not a phone number in E.164 form "
-                                                      "(+15551234567) or a sip: address",
+            ("+1\u0665\u0665\u0665\u0661\u0662\u0663\u0664",):
+                "'+1\u0665\u0665\u0665\u0661\u0662\u0663\u0664' is not a phone number in E.164 "
+                "form (+15551234567) or a sip: address",
         }
         for arguments, reason in cases.items():
             with self.subTest(arguments=arguments):
