@@ -568,8 +568,9 @@ async def on_speech_started(call: Call, event: dict) -> None:
     # Twilio play out what it has buffered. If it was only an "uh-huh", the reply goes on.
     call.last_event, call.stopped_talking = "input.speech.started", 0
     caller_active(call)  # Part 2: the caller is there, so any silence starts over
-    if interruptible(call) and not tones_playing(call):  # Part 2: unless the agent, or the key
-        await clear(call)  # tones it plays, are not to be cut
+    # Part 2: unless the agent may not be cut off, or the bridge is playing key tones.
+    if interruptible(call) and not tones_playing(call):
+        await clear(call)
 
 
 async def on_speech_stopped(call: Call, event: dict) -> None:
@@ -1230,8 +1231,8 @@ def on_silence(call: Call) -> None:
 # (60; 0: none): that long before MAX_CALL_SECONDS the agent is asked to wrap up, and at it, to
 # say goodbye; the call ends once the goodbye has been heard.
 
-TIME_WARNING = ("The call must end in about a minute. Tell the caller so, kindly, and help them "
-                "wrap up.")
+TIME_WARNING = ("The call must end in about {seconds} seconds. Tell the caller so, kindly, and "
+                "help them wrap up.")
 TIME_UP = "The call's time is up. Say a short, friendly goodbye: the call ends after it."
 CALL_ACTIONS["time up"] = partial(hang_up, ending="time_limit")
 
@@ -1282,7 +1283,7 @@ def time_the_call(call: Call) -> None:
     warning = call.persona.get("time_warning_seconds", 60)
     if 0 < warning < MAX_CALL_SECONDS:
         set_timer(call, "time warning", MAX_CALL_SECONDS - warning,
-                  partial(steer, instructions=TIME_WARNING))
+                  partial(steer, instructions=TIME_WARNING.format(seconds=round(warning))))
     set_timer(call, "time up", MAX_CALL_SECONDS, time_up)
 
 

@@ -1529,7 +1529,7 @@ class Tuning(BridgeTest):
     async def test_a_warning_before_the_limit_then_a_goodbye_at_it(self):
         """time_warning_seconds before MAX_CALL_SECONDS the agent is asked to wrap up (never
         mid-reply); at the limit, to say goodbye; with 0, no warning."""
-        for warning, wanted in ((0.4, [bridge.TIME_WARNING, bridge.TIME_UP]),
+        for warning, wanted in ((0.4, [bridge.TIME_WARNING.format(seconds=0), bridge.TIME_UP]),
                                 (0, [bridge.TIME_UP])):
             with self.subTest(warning=warning):
                 self.settings(MAX_CALL_SECONDS=0.8)
