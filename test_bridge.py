@@ -1549,60 +1549,6 @@ class Tuning(BridgeTest):
                 self.assertEqual(await twilio.closed(), 1000)
 
 
-class Texts(BridgeTest):
-    """send_text texts the caller, from the call's number, at most 3 texts of 640 characters."""
-
-    MESSAGES = "/2010-04-01/Accounts/AC" + "0" * 32 + "/Messages.json"
-
-    async def text(self, agent: AgentSession, message, n: int) -> dict:
-        await agent.send({"type": "reply.started", "reply_id": f"reply_{n}"})
-        await agent.send({"type": "tool.call", "call_id": f"t{n}", "name": "send_text",
-                          "arguments": {"message": message}})
-        await agent.send({"type": "reply.done", "reply_id": f"reply_{n}"})
-        return (await agent.wait_for(lambda a: [r for r in a.of("type", "tool.result")
-                                                if r["call_id"] == f"t{n}"]))[0]
-
-    async def test_texts_go_to_the_caller_from_our_number_within_bounds(self):
-        """Sent from To to From inbound; control characters dropped; a fourth, or 641
-        characters, refused with why; Twilio's refusal told to the agent."""
-        rest = await self.twilio_api()
-        rest.answers[self.MESSAGES] = (201, {"sid": "SM" + "1" * 32})
-        twilio, agent = await self.start_call(parameters={
-            "From": "+15550001111", "To": "+15552223333", "Direction": "inbound"})
-        tools = agent.of("type", "session.update")[0]["session"]["tools"]
-        self.assertIn("send_text", [tool["name"] for tool in tools])
-        result = await self.text(agent, "Your link:\x07 https://example.com/a", 1)
-        self.assertEqual((result["result"], result["is_error"]), ('"sent"', False))
-        self.assertEqual(rest.requests[-1]["form"], {"From": ["+15552223333"],
-                                                     "To": ["+15550001111"],
-                                                     "Body": ["Your link: https://example.com/a"]})
-        too_long = await self.text(agent, "x" * 641, 2)
-        self.assertTrue(too_long["is_error"])
-        self.assertIn("the text has 641 characters: send 1 to 640", too_long["result"])
-        for n in (3, 4):
-            self.assertFalse((await self.text(agent, f"text {n}", n))["is_error"])
-        fourth = await self.text(agent, "one more", 5)
-        self.assertIn("3 texts have been sent on this call already", fourth["result"])
-        self.assertEqual(len(rest.requests), 3)
-
-    async def test_twilios_refusal_reaches_the_agent_and_no_credentials_no_tool(self):
-        """Twilio says no: the error result carries its message. Without credentials the
-        tool is not offered."""
-        rest = await self.twilio_api()
-        rest.answers[self.MESSAGES] = (400, {"code": 21610, "message": "Attempt to send to "
-                                             "unsubscribed recipient"})
-        twilio, agent = await self.start_call(parameters={"From": "+15550001111"})
-        result = await self.text(agent, "hello", 1)
-        self.assertTrue(result["is_error"])
-        self.assertIn("Twilio refused the text: 21610 Attempt to send to unsubscribed recipient",
-                      result["result"])
-        self.settings(TWILIO_ACCOUNT_SID="")
-        await twilio.stop()
-        _, again = await self.start_call(call_sid="CA" + "2" * 32)
-        tools = again.of("type", "session.update")[0]["session"]["tools"]
-        self.assertNotIn("send_text", [tool["name"] for tool in tools])
-
-
 class OutboundCommand(unittest.IsolatedAsyncioTestCase):
     """`python bridge.py call +1...` against a local fake of Twilio's Calls endpoint."""
 
@@ -2073,6 +2019,60 @@ class KeysOut(BridgeTest):
         self.assertTrue(result["is_error"])
         self.assertIn("use only 0-9, *, # and w", result["result"])
         self.assertEqual(twilio.played()[before:], [])
+
+
+class Texts(BridgeTest):
+    """send_text texts the caller, from the call's number, at most 3 texts of 640 characters."""
+
+    MESSAGES = "/2010-04-01/Accounts/AC" + "0" * 32 + "/Messages.json"
+
+    async def text(self, agent: AgentSession, message, n: int) -> dict:
+        await agent.send({"type": "reply.started", "reply_id": f"reply_{n}"})
+        await agent.send({"type": "tool.call", "call_id": f"t{n}", "name": "send_text",
+                          "arguments": {"message": message}})
+        await agent.send({"type": "reply.done", "reply_id": f"reply_{n}"})
+        return (await agent.wait_for(lambda a: [r for r in a.of("type", "tool.result")
+                                                if r["call_id"] == f"t{n}"]))[0]
+
+    async def test_texts_go_to_the_caller_from_our_number_within_bounds(self):
+        """Sent from To to From inbound; control characters dropped; a fourth, or 641
+        characters, refused with why; Twilio's refusal told to the agent."""
+        rest = await self.twilio_api()
+        rest.answers[self.MESSAGES] = (201, {"sid": "SM" + "1" * 32})
+        twilio, agent = await self.start_call(parameters={
+            "From": "+15550001111", "To": "+15552223333", "Direction": "inbound"})
+        tools = agent.of("type", "session.update")[0]["session"]["tools"]
+        self.assertIn("send_text", [tool["name"] for tool in tools])
+        result = await self.text(agent, "Your link:\x07 https://example.com/a", 1)
+        self.assertEqual((result["result"], result["is_error"]), ('"sent"', False))
+        self.assertEqual(rest.requests[-1]["form"], {"From": ["+15552223333"],
+                                                     "To": ["+15550001111"],
+                                                     "Body": ["Your link: https://example.com/a"]})
+        too_long = await self.text(agent, "x" * 641, 2)
+        self.assertTrue(too_long["is_error"])
+        self.assertIn("the text has 641 characters: send 1 to 640", too_long["result"])
+        for n in (3, 4):
+            self.assertFalse((await self.text(agent, f"text {n}", n))["is_error"])
+        fourth = await self.text(agent, "one more", 5)
+        self.assertIn("3 texts have been sent on this call already", fourth["result"])
+        self.assertEqual(len(rest.requests), 3)
+
+    async def test_twilios_refusal_reaches_the_agent_and_no_credentials_no_tool(self):
+        """Twilio says no: the error result carries its message. Without credentials the
+        tool is not offered."""
+        rest = await self.twilio_api()
+        rest.answers[self.MESSAGES] = (400, {"code": 21610, "message": "Attempt to send to "
+                                             "unsubscribed recipient"})
+        twilio, agent = await self.start_call(parameters={"From": "+15550001111"})
+        result = await self.text(agent, "hello", 1)
+        self.assertTrue(result["is_error"])
+        self.assertIn("Twilio refused the text: 21610 Attempt to send to unsubscribed recipient",
+                      result["result"])
+        self.settings(TWILIO_ACCOUNT_SID="")
+        await twilio.stop()
+        _, again = await self.start_call(call_sid="CA" + "2" * 32)
+        tools = again.of("type", "session.update")[0]["session"]["tools"]
+        self.assertNotIn("send_text", [tool["name"] for tool in tools])
 
 
 class Recording(BridgeTest):
