@@ -3093,6 +3093,15 @@ class Redeploys(BridgeTest):
         self.port = process.port  # the calls below go to the process, not the test's server
         return process
 
+    async def carried_to_its_end(self, document: str, sid: str, process: BridgeProcess):
+        """Do what Twilio does with the TwiML, talk, hang up: then the draining process exits 0."""
+        twilio, agent = await self.follow(document, sid)
+        await agent.wait_for(lambda a: a.of("type", "session.update"))
+        await agent.send({"type": "session.ready", "session_id": "sess_" + sid})
+        await self.round_trip(twilio, agent)
+        await twilio.stop()
+        self.assertEqual(await process.exit_code(), 0)
+
     async def test_a_transfer_that_comes_back_during_a_drain_is_carried(self):
         """SIGTERM while a transfer rings: the process waits for its outcome, takes the caller
         back to the agent when nobody answered, and exits once that call ends."""
@@ -3120,12 +3129,7 @@ class Redeploys(BridgeTest):
                                                + urllib.parse.urlsplit(action).query,
                                                {"CallSid": sid, "DialCallStatus": "no-answer"})
         self.assertEqual(status, 200)
-        back, again = await self.follow(document, sid)
-        await again.wait_for(lambda a: a.of("type", "session.update"))
-        await again.send({"type": "session.ready", "session_id": "sess_back"})
-        await self.round_trip(back, again)
-        await back.stop()
-        self.assertEqual(await process.exit_code(), 0)
+        await self.carried_to_its_end(document, sid, process)
 
     async def test_live_calls_finish_while_new_calls_get_503(self):
         """After SIGTERM webhooks answer 503, the live call goes on; when it ends, so does the
@@ -3169,12 +3173,7 @@ class Redeploys(BridgeTest):
         status, _, _ = await self.http("POST", "/call-status", form={"CallSid": sid,
                                                                     "CallStatus": "ringing"})
         self.assertEqual(status, 200)  # the answered call's callbacks are still served
-        twilio, agent = await self.follow(document, sid)
-        await agent.wait_for(lambda a: a.of("type", "session.update"))
-        await agent.send({"type": "session.ready", "session_id": "sess_1"})
-        await self.round_trip(twilio, agent)
-        await twilio.stop()
-        self.assertEqual(await process.exit_code(), 0)
+        await self.carried_to_its_end(document, sid, process)
 
     async def test_second_signal_exits_at_once(self):
         """Ctrl-C starts the drain; a second signal exits at once, with a non-zero code."""
