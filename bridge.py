@@ -1271,8 +1271,7 @@ async def greeting_over(call: Call) -> None:
     """The protected greeting has been spoken: the entry's own turn-taking comes back."""
     if call.tuning.protecting:
         call.tuning.protecting = False
-        turns = {**call.persona.get("turn_detection", {}), "interrupt_response":
-                 call.persona.get("turn_detection", {}).get("interrupt_response", True)}
+        turns = {"interrupt_response": True, **call.persona.get("turn_detection", {})}
         with suppress(ConnectionClosed):  # stated in full: a partial update may replace
             await call.agent.send(json.dumps({"type": "session.update", "session": {
                 "input": {"turn_detection": turns}}}))
