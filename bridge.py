@@ -295,7 +295,8 @@ class Call:
     stopped_talking: float = 0  # when the caller last stopped talking, until a reply starts
     answering: float = 0  # the same, for the reply now starting, until its first audio
     responses: list[float] = field(default_factory=list)  # seconds the caller waited, each turn
-    # Parts 2 and 3 keep their state here, each under its chapter's name.
+    # Parts 2 and 3 keep their state here, each under its chapter's name (a lambda, as
+    # each class is defined later, in its chapter).
     steering: Steering = field(default_factory=lambda: Steering())
     tuning: Tuning = field(default_factory=lambda: Tuning())
     silence: Silence = field(default_factory=lambda: Silence())
@@ -455,12 +456,14 @@ async def converse(call: Call) -> None:
              asyncio.create_task(agent_to_caller(call)),
              asyncio.create_task(call.over.wait())}  # the bridge ends it: goodbye, transfer
     time_the_call(call)  # Part 2: a warning before MAX_CALL_SECONDS, and a goodbye at it
-    try:  # ...and, so that a stuck call cannot run up the bill for hours, a cut after it
-        done, _ = await asyncio.wait(tasks, timeout=MAX_CALL_SECONDS + LAST_WORDS_TIMEOUT,
+    # ...and, so that a stuck call cannot run up the bill for hours, a cut once that goodbye
+    # has had all the time its own waits allow.
+    grace = REPLY_WAIT + LAST_WORDS_TIMEOUT + MARK_TIMEOUT
+    try:
+        done, _ = await asyncio.wait(tasks, timeout=MAX_CALL_SECONDS + grace,
                                      return_when=asyncio.FIRST_COMPLETED)
         if not done:
-            call.log.warning("the call went on %g s past MAX_CALL_SECONDS: hanging up",
-                             LAST_WORDS_TIMEOUT)
+            call.log.warning("the call went on %g s past MAX_CALL_SECONDS: hanging up", grace)
             call.ending = "time_limit"
     finally:
         for task in tasks:
@@ -1298,12 +1301,14 @@ def turns_problem(turns) -> str:
     if not isinstance(turns, dict):
         return "turn_detection must be a dict"
     for key, value in turns.items():
-        low, high = TURN_RANGES.get(key, (None, None))
-        if key == "interrupt_response" and not isinstance(value, bool):
-            return "turn_detection.interrupt_response must be True or False"
-        if key != "interrupt_response" and (low is None or not in_range(value, low, high)):
-            return (f"turn_detection.{key} must be a number in [{low}, {high}]" if low is not None
-                    else f"turn_detection has no key {key!r} (keys: {', '.join(TURN_RANGES)})")
+        if key not in TURN_RANGES:
+            return f"turn_detection has no key {key!r} (keys: {', '.join(TURN_RANGES)})"
+        low, high = TURN_RANGES[key]
+        if key == "interrupt_response":
+            if not isinstance(value, bool):
+                return "turn_detection.interrupt_response must be True or False"
+        elif not in_range(value, low, high):
+            return f"turn_detection.{key} must be a number in [{low}, {high}]"
     if turns.get("min_silence", 0) >= turns.get("max_silence", 10001):
         return "turn_detection.min_silence must be less than max_silence"
     return ""

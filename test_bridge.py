@@ -914,12 +914,16 @@ class HangUps(BridgeTest):
         await self.log.wait_for(r"^\[CA3{32}\] call ended after [\d.]+ s \(MAX_CALL_SECONDS\)")
 
     async def test_a_call_whose_goodbye_never_comes_is_cut_after_the_limit(self):
-        """If the goodbye never comes, the call is cut LAST_WORDS_TIMEOUT past the limit."""
-        self.settings(MAX_CALL_SECONDS=0.5, LAST_WORDS_TIMEOUT=0.3)
+        """An agent stuck mid-reply never gets to say goodbye: the call is cut once the
+        goodbye's own waits (REPLY_WAIT, LAST_WORDS_TIMEOUT, MARK_TIMEOUT) are over."""
+        self.settings(MAX_CALL_SECONDS=0.5, REPLY_WAIT=0.1, LAST_WORDS_TIMEOUT=0.1,
+                      MARK_TIMEOUT=0.1)
         twilio, agent = await self.start_call()
+        await agent.send({"type": "reply.started", "reply_id": "reply_endless"})
         await agent.wait_for(lambda a: a.of("type", "session.end"))
         self.assertEqual(await twilio.closed(), 1000)
         await self.log.wait_for(r"the call went on 0.3 s past MAX_CALL_SECONDS: hanging up")
+        self.assertEqual(agent.of("type", "reply.create"), [])  # never mid-reply
 
     async def test_twilio_socket_dropping_ends_the_agent_session(self):
         """If Twilio's socket closes without a stop, the agent session is still ended."""
@@ -1541,6 +1545,8 @@ class Tuning(BridgeTest):
                         lambda a: len(a.of("type", "reply.create")) == n
                         and a.of("type", "reply.create"), 2 * TIMEOUT)
                     self.assertEqual(steers[-1]["instructions"], instructions)
+                    self.assertGreaterEqual(asyncio.get_running_loop().time() - began,
+                                            0.8 - warning if n == 1 else 0.8)
                     await agent.speak(f"reply_{n}", [audio("words", n, 300)])
                 self.assertGreaterEqual(asyncio.get_running_loop().time() - began, 0.8)
                 await twilio.echo(await twilio.wait_for(
