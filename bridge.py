@@ -18,6 +18,7 @@ from __future__ import annotations  # a type may be named before the chapter tha
 import asyncio
 import base64
 import ctypes
+import datetime
 import errno
 import hashlib
 import hmac
@@ -301,6 +302,7 @@ class Call:
     tuning: Tuning = field(default_factory=lambda: Tuning())
     silence: Silence = field(default_factory=lambda: Silence())
     retries: Retries = field(default_factory=lambda: Retries())
+    report: Report = field(default_factory=lambda: Report())
 
     def __post_init__(self):
         self.log = CallLog(log, {"call_sid": self.sid})  # Part 3: escaped, tagged lines
@@ -430,6 +432,7 @@ async def on_session_ready(call: Call, event: dict) -> None:
         after_sending(call, call.stream["then"])
     call.ready, call.hears, call.greeting = True, call.stream.get("listen", True), None
     call.log.info("agent session %s %s", call.session_id, "resumed" if resumed else "ready")
+    keep_session(call)  # Part 2: for the call's report
     await send_waiting(call)  # keypad entries or nudges that came while it was away
 
 
@@ -626,8 +629,9 @@ async def send_mark(call: Call, name: str) -> asyncio.Future:
 
 async def on_transcript(call: Call, event: dict) -> None:
     who = "caller" if event["type"] == "transcript.user" else "agent"
-    cut = " [interrupted]" if event.get("interrupted") else ""
-    call.log.info("%s: %s%s", who, event.get("text", ""), cut)
+    text = masked(event.get("text", ""))  # Part 2: with REDACT, card numbers and such masked
+    call.log.info("%s: %s%s", who, text, " [interrupted]" if event.get("interrupted") else "")
+    keep_turn(call, who, text, bool(event.get("interrupted")))  # Part 2: for the call's report
 
 
 async def on_session_ended(call: Call, event: dict) -> bool:
@@ -660,7 +664,7 @@ async def on_tool_call(call: Call, event: dict) -> None:
 
 async def run_tool(call: Call, call_id: str, name: str, arguments: dict, reply_id: str) -> None:
     """Run one tool and queue exactly one tool.result for it, unless its reply was cut off."""
-    tool, then = offered_tools(call.persona).get(name), None
+    tool, then, began = offered_tools(call.persona).get(name), None, time.monotonic()
     try:
         if tool is None:
             raise LookupError(f"there is no tool named {name!r}")
@@ -669,12 +673,14 @@ async def run_tool(call: Call, call_id: str, name: str, arguments: dict, reply_i
             raise RuntimeError(f"not done: the call is already ending ({call.leaving})")
         message, then = tool_result(call_id, value), tool.get("then")
         call.leaving = then or call.leaving
-        call.log.info("tool %s(%s) -> %s", name, arguments, value)
+        call.log.info("tool %s(%s) -> %s", name, masked(arguments), masked(value))  # REDACT
     except Exception as exc:  # the tool's own bug or bad arguments: tell the agent, go on
         message = tool_result(call_id, {"error": f"{type(exc).__name__}: {exc}"}, is_error=True)
         call.counts["tool failures"] += 1
-        call.log.warning("tool %s(%s) failed: %s: %s", name, arguments, type(exc).__name__, exc)
+        call.log.warning("tool %s(%s) failed: %s: %s", name, masked(arguments),
+                         type(exc).__name__, masked(str(exc)))
     call.tools_running -= 1
+    keep_tool(call, name, arguments, message, began)  # Part 2: for the call's report
     if reply_id in call.interrupted:
         call.log.info("discarding the result of %s: the caller interrupted", name)
         return
@@ -824,6 +830,7 @@ async def finish(call: Call) -> None:
         await call.agent.close()
     call.log.info("%s", summary(call))  # Part 3
     count_ended(call)  # Part 3: /metrics
+    send_report(call)  # Part 2: if REPORT_URL is set
 
 
 # ======================================================================= Part 2: the phone network
@@ -1552,7 +1559,7 @@ async def transfer(call: Call, arguments: dict) -> None:
                                                            or f"A caller for {name}."})
     call.log.info("transferring the caller to %s (%s)", name, address)
     if await redirect(call.log, call.sid, dial_twiml(address, action, whisper)):
-        call.ending = "transferred"
+        call.ending, call.report.transferred_to = "transferred", name
         call.over.set()
         expect_stream(call.sid, TRANSFER_RING_SECONDS + START_TIMEOUT)  # Part 3: a drain waits
     else:
@@ -1717,10 +1724,282 @@ def recording_status(hook: Webhook) -> Response:
     """Log where Twilio keeps a finished recording."""
     hook.log.info("recording %s: %s", hook.form.get("RecordingStatus", "?"),
                   hook.form.get("RecordingUrl", "?"))
+    report_recording(hook)  # the next chapter: if REPORT_URL is set
     return hook.answer(200, "")
 
 
 WEBHOOKS["/recording-status"] = recording_status
+
+
+# ------------------------------------------------------------------------------------ call reports
+# With REPORT_URL set, each call's stream POSTs one JSON document there as it ends (event
+# "call.ended"): who called, what was said, which tools ran, how it ended, how fast the agent
+# answered. A call keeps its turns and tool calls for it; once the document is handed to the
+# sender, nothing of the call is kept. Without REPORT_URL, nothing is kept at all. A report is
+# signed with REPORT_SECRET, sent in the background, and tried again on a timeout, a 429 or a
+# 5xx; a drain waits for it. REDACT=true masks what looks like personal data in what the call
+# says, in the log line and the report alike.
+
+REPORT_URL = os.environ.get("REPORT_URL", "")  # https://..., or http://localhost... to test
+REPORT_SECRET = os.environ.get("REPORT_SECRET", "")  # signs each report: X-Bridge-Signature
+REDACT = switch("REDACT")  # mask card and social security numbers, emails, phone numbers
+REPORT_TIMEOUT = 5  # seconds for one attempt to deliver a report
+REPORT_RETRIES = (1, 5, 30)  # seconds after a failed attempt before the next
+MAX_REPORT = 262_144  # bytes of JSON: a longer transcript keeps its last turns that fit
+deliveries: set[asyncio.Task] = set()  # reports being delivered, or waiting to be tried again
+pauses: set[asyncio.Future] = set()  # the waits before trying again, which a drain cuts short
+
+
+@dataclass
+class Report:
+    """What a call keeps for its report: nothing unless REPORT_URL is set."""
+
+    session_ids: list[str] = field(default_factory=list)  # every agent session, in order
+    turns: list[dict] = field(default_factory=list)  # the transcript, each line as it came
+    tools: list[dict] = field(default_factory=list)  # each tool call: name, arguments, ok...
+    transferred_to: str | None = None  # the name of the destination the call was put through to
+
+
+def keep_session(call: Call) -> None:
+    """Note the agent session now serving the call, unless it is the one before, resumed."""
+    if REPORT_URL and call.session_id and call.report.session_ids[-1:] != [call.session_id]:
+        call.report.session_ids.append(call.session_id)
+
+
+def keep_turn(call: Call, role: str, text: str, interrupted: bool) -> None:
+    """Note one line of the transcript (already masked, with REDACT on)."""
+    if REPORT_URL:
+        at = round(time.monotonic() - call.started, 3)
+        call.report.turns.append({"role": role, "text": text, "at": at,
+                                  "interrupted": interrupted})
+
+
+def keep_tool(call: Call, name: str, arguments: dict, message: str, began: float) -> None:
+    """Note one tool call, and whether its result (the tool.result message) was an error."""
+    if REPORT_URL:
+        call.report.tools.append({"name": name, "arguments": masked(arguments),
+                                  "ok": not json.loads(message)["is_error"],
+                                  "seconds": round(time.monotonic() - began, 3)})
+
+
+def send_report(call: Call) -> None:
+    """Hand the call's report to the sender, if REPORT_URL is set; the call keeps nothing."""
+    if REPORT_URL:
+        first = call.stream.get("first")  # a later stream of the call (a voicemail...) differs
+        key = f"{call.sid}:call.ended" + ("" if first else f":{call.stream_sid}")
+        post_report(call.log, key, fitted(call_report(call)))
+
+
+def call_report(call: Call) -> dict:
+    """The call.ended document: the call, its transcript, its tools, its answer times."""
+    ended = time.time()
+    ours, _ = numbers(call.facts)
+    return {
+        "event": "call.ended", "call_sid": call.sid, "stream_sid": call.stream_sid,
+        "agent_session_ids": call.report.session_ids,
+        "agent": ours if ours in AGENTS else "default",
+        "direction": "outbound" if call.facts.get("Direction", "").startswith("outbound")
+        else "inbound",
+        "from": call.facts.get("From"), "to": call.facts.get("To"),
+        "variables": {name: value for name, value in call.facts.items() if VARIABLE.fullmatch(name)},
+        "answered_by": call.facts.get("AnsweredBy"),
+        "started_at": utc(ended - (time.monotonic() - call.started)), "ended_at": utc(ended),
+        "duration_seconds": round(time.monotonic() - call.started, 3),
+        "ending": call.ending or "stream_closed", "transferred_to": call.report.transferred_to,
+        "transcript": call.report.turns, "tools": call.report.tools,
+        "keypad_entries": call.counts["keypad entries"],
+        "response_ms": answer_times(call),  # Part 3: as the summary line says them
+        "barge_ins": call.counts["barge-ins"], "agent_reconnects": call.counts["agent reconnects"],
+    }
+
+
+def utc(moment: float) -> str:
+    """A Unix time in ISO 8601, UTC, to the millisecond: 2026-12-06T05:30:00.123Z."""
+    stamp = datetime.datetime.fromtimestamp(moment, datetime.timezone.utc)
+    return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def fitted(report: dict) -> bytes:
+    """The report as JSON in at most MAX_REPORT bytes: the transcript keeps its last turns.
+
+    (The tools list too, should a call have run so many that they alone do not fit.)
+    """
+    body = json.dumps(report)
+    for key in ("transcript", "tools"):
+        if len(body) <= MAX_REPORT:
+            break
+        items, report[key], report[f"{key}_truncated"] = report[key], [], True
+        room = MAX_REPORT - len(json.dumps(report))
+        kept = 0
+        for item in reversed(items):  # each takes its JSON, and ", " in the list
+            room -= len(json.dumps(item)) + 2
+            kept += room >= 0
+            if room < 0:
+                break
+        report[key] = items[len(items) - kept:]
+        body = json.dumps(report)
+    return body.encode()  # json.dumps writes ASCII: as many bytes as characters
+
+
+def post_report(logger, key: str, body: bytes) -> None:
+    """Deliver a report in the background: nothing about the call waits for it."""
+    task = asyncio.get_running_loop().create_task(deliver(logger, key, body))
+    deliveries.add(task)
+    task.add_done_callback(deliveries.discard)
+
+
+async def deliver(logger, key: str, body: bytes) -> None:
+    """POST a report until the receiver takes it, refuses it, or REPORT_RETRIES run out."""
+    attempts, status, outcome = 0, 0, ""
+    try:
+        for delay in (0, *REPORT_RETRIES):
+            await pause(delay)
+            attempts += 1
+            status, outcome = await attempt(key, body)
+            if 200 <= status < 300 or (status and status != 429 and status < 500):
+                break  # taken; or refused, and trying again would not change that
+    except asyncio.CancelledError:
+        outcome = "the process stopped first"
+        raise
+    finally:
+        counts['bridge_reports_total{result="retried"}'] += max(attempts - 1, 0)  # Part 3
+        if 200 <= status < 300:
+            counts['bridge_reports_total{result="delivered"}'] += 1
+        else:
+            counts['bridge_reports_total{result="failed"}'] += 1
+            logger.error("report %s lost after %s: %s", key, plural(attempts, "attempt"),
+                         outcome)
+
+
+async def pause(seconds: float) -> None:
+    """Wait before trying a report again; not at all once the process is stopping (drain)."""
+    if seconds and not draining:
+        wake = asyncio.get_running_loop().create_future()
+        pauses.add(wake)
+        with suppress(TimeoutError):
+            await asyncio.wait_for(wake, seconds)
+        pauses.discard(wake)
+
+
+async def attempt(key: str, body: bytes) -> tuple[int, str]:
+    """POST the report once, signed; return the receiver's HTTP status (0 if none), and why."""
+    url = urllib.parse.urlsplit(REPORT_URL)
+    stamp = str(int(time.time()))
+    signed = hmac.new(REPORT_SECRET.encode(), f"{stamp}.".encode() + body, hashlib.sha256)
+    head = (f"POST {url.path or '/'}{'?' if url.query else ''}{url.query} HTTP/1.1\r\n"
+            f"Host: {url.netloc}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nIdempotency-Key: {key}\r\n"
+            f"X-Bridge-Signature: t={stamp},v1={signed.hexdigest()}\r\n"
+            "Connection: close\r\n\r\n")
+    writer = None
+    try:
+        async with asyncio.timeout(REPORT_TIMEOUT):
+            reader, writer = await asyncio.open_connection(
+                url.hostname, url.port or (443 if url.scheme == "https" else 80),
+                ssl=url.scheme == "https" or None)
+            writer.write(head.encode() + body)
+            status = int((await reader.readline()).split()[1])
+        return status, f"HTTP {status}"
+    except TimeoutError:
+        return 0, f"no answer within {REPORT_TIMEOUT} s"
+    except (OSError, ValueError, IndexError) as exc:  # refused, reset, or not HTTP
+        return 0, f"{type(exc).__name__}: {exc}"
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+async def reports_sent() -> None:
+    """On a drain, once the calls have ended: try waiting reports at once, and wait for them.
+
+    At most one attempt's timeout: what is still undelivered after that is lost, and logged.
+    """
+    for wake in pauses:
+        if not wake.done():
+            wake.set_result(None)
+    if deliveries:
+        log.info("delivering %s", plural(len(deliveries), "call report"))
+        _, late = await asyncio.wait(set(deliveries), timeout=REPORT_TIMEOUT)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late)  # each logs itself as lost
+
+
+def report_recording(hook: Webhook) -> None:
+    """Report a finished recording, as its own document; the receiver joins it on call_sid."""
+    sid = hook.form.get("CallSid", "")
+    if REPORT_URL and hook.form.get("RecordingStatus") == "completed" and CALL_SID.fullmatch(sid):
+        duration = hook.form.get("RecordingDuration", "")
+        post_report(hook.log, f"{sid}:recording.completed", json.dumps({
+            "event": "recording.completed", "call_sid": sid,
+            "recording_sid": hook.form.get("RecordingSid"),
+            "recording_url": hook.form.get("RecordingUrl"),
+            "duration_seconds": int(duration) if duration.isdigit() else None}).encode())
+
+
+def report_problem() -> str:
+    """What is wrong with REPORT_URL and REPORT_SECRET, or "" if nothing is (nor if unset)."""
+    if bool(REPORT_URL) != bool(REPORT_SECRET):
+        missing = "REPORT_SECRET" if REPORT_URL else "REPORT_URL"
+        return (f"{missing} is not set: call reports need both REPORT_URL (where they go) "
+                "and REPORT_SECRET (what signs them)")
+    url = urllib.parse.urlsplit(REPORT_URL)
+    local = url.scheme == "http" and url.hostname in ("localhost", "127.0.0.1")
+    if REPORT_URL and not ((url.scheme == "https" or local) and url.hostname
+                           and not url.username and re.fullmatch(r"[!-~]+", REPORT_URL)):
+        return (f"REPORT_URL={REPORT_URL} must be an https:// URL (or http://localhost or "
+                "http://127.0.0.1, to test): reports carry what callers said")
+    return ""
+
+
+# --- REDACT: what looks like personal data, masked. A net of patterns, not a guarantee.
+EMAIL = re.compile(r"[\w.+-]+@[\w-]+(\.[\w-]+)+")
+# A run of digits in groups, as a number is written or transcribed: 4111 1111 1111 1111,
+# 123-45-6789, (555) 123-4567, +44 20 7946 0958. Each run is then weighed (number_mask).
+DIGIT_RUN = re.compile(r"(?<![\w+])(\+|\(\d{3}\) ?)?\d+([ .-]\d+)*(?!\w)")
+
+
+def masked(value):
+    """The value with card and social security numbers, emails and phone numbers masked.
+
+    It works through dicts and lists (tool arguments); without REDACT it changes nothing.
+    """
+    if not REDACT or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return DIGIT_RUN.sub(number_mask, EMAIL.sub("[email]", value))
+    if isinstance(value, int):
+        return value if (text := masked(str(value))) == str(value) else text
+    if isinstance(value, dict):
+        return {key: masked(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [masked(item) for item in value]
+    return value
+
+
+def number_mask(match: re.Match) -> str:
+    """[card], [ssn] or [phone] for a run of digits that is one, or the run as it was."""
+    run = match[0]
+    digits = re.sub(r"\D", "", run)
+    groups = [len(group) for group in re.findall(r"\d+", run)]
+    if run.startswith("+") and 8 <= len(digits) <= 15:
+        return "[phone]"
+    if 13 <= len(digits) <= 19 and not re.search(r"[.()]", run) and luhn(digits):
+        return "[card]"
+    if groups == [3, 2, 4] and "." not in run:
+        return "[ssn]"
+    if len(digits) == 10 or (len(digits) == 11 and digits[0] == "1"):
+        return "[phone]"
+    return run
+
+
+def luhn(digits: str) -> bool:
+    """Whether a card number's check digit is right (the Luhn check), as on every real card."""
+    total = 0
+    for place, digit in enumerate(int(digit) for digit in reversed(digits)):
+        total += digit if place % 2 == 0 else (digit * 2 - 9 if digit > 4 else digit * 2)
+    return total % 10 == 0
 
 
 # ----------------------------------------------------------------------------------- the calls API
@@ -2257,6 +2536,8 @@ METRICS = {  # family -> its type, and what it counts
     "bridge_malformed_messages_total": ("counter", "Messages from either side we could not use."),
     "bridge_tool_calls_total": ("counter", "Tool calls the agent made."),
     "bridge_tool_failures_total": ("counter", "Tool calls that raised an error."),
+    "bridge_reports_total": ("counter", "Call reports delivered, or finally lost (failed); "
+                             "retried: attempts after the first."),
     "bridge_response_seconds": ("histogram", "From the end of the caller's speech to the first "
                                 "audio of the agent's answer."),
 }
@@ -2268,7 +2549,10 @@ streams: dict[str, Call] = {}  # CallSid -> its call, while its stream lasts
 counts = Counter({  # sample -> value: every sample listed from the start, in order
     **{f'bridge_calls_total{{outcome="{ending}"}}': 0 for ending in ENDINGS},
     **{family: 0 for family in METRICS  # the counts each call adds to
-       if family.endswith("_total") and family != "bridge_calls_total"},
+       if family.endswith("_total") and family not in ("bridge_calls_total",
+                                                       "bridge_reports_total")},
+    **{f'bridge_reports_total{{result="{result}"}}': 0
+       for result in ("delivered", "retried", "failed")},
     **{f'bridge_response_seconds_bucket{{le="{le}"}}': 0 for le in RESPONSE_BUCKETS},
     "bridge_response_seconds_sum": 0, "bridge_response_seconds_count": 0})
 
@@ -2315,14 +2599,21 @@ SUMMARY = ("barge-ins", "tool calls", "keypad entries", "silence nudges", "malfo
 
 def summary(call: Call) -> str:
     """The call's last log line: how long, how it ended, and what happened in it."""
-    waits = sorted(round(wait * 1000) for wait in call.responses)
-    timed = (f"response p50 {waits[len(waits) // 2]} ms, max {waits[-1]} ms" if waits
+    times = answer_times(call)
+    timed = (f"response p50 {times['p50']} ms, max {times['max']} ms" if times["turns"]
              else "no timed turns")
     return (f"call ended after {time.monotonic() - call.started:.1f} s "
             f"({ENDINGS[call.ending or 'stream_closed']}), agent session "
             f"{call.session_id or 'none'}: audio frames {call.counts['frames in']} in, "
             f"{call.counts['frames out']} out; {timed}; "
             + "; ".join(f"{name} {call.counts[name]}" for name in SUMMARY))
+
+
+def answer_times(call: Call) -> dict:
+    """How long the caller waited for each answer, in ms, in order; the median and the most."""
+    waits = [round(wait * 1000) for wait in call.responses]
+    ordered = sorted(waits) or [None]
+    return {"turns": waits, "p50": ordered[len(ordered) // 2], "max": ordered[-1]}
 
 
 def metrics(hook: Webhook) -> Response:
@@ -2361,7 +2652,7 @@ def check_settings() -> None:
         raise SystemExit(f"PORT={PORT} is not a port number (1-65535)")
     if unreadable:
         raise SystemExit(unreadable[0])
-    if problem := public_url_problem():
+    if problem := public_url_problem() or report_problem():
         raise SystemExit(problem)
     if "default" not in AGENTS:
         raise SystemExit('AGENTS has no "default" entry')
@@ -2397,6 +2688,8 @@ def log_what_is_off() -> None:
         log.info("RECORD_CALLS is on: Twilio records every call")
     else:
         log.info("calls are not recorded (RECORD_CALLS=true records them)")
+    if REPORT_URL:
+        log.info("each call's report goes to %s%s", REPORT_URL, ", masked" * REDACT)
 
 
 # ----------------------------------------------------------------------------- redeploys, and main
@@ -2446,6 +2739,7 @@ async def drain(server) -> None:
         log.warning("ending %s still live after DRAIN_SECONDS", plural(len(live_calls), "call"))
     server.close()  # closes their streams: each call ends its agent session and hangs up
     await server.wait_closed()
+    await reports_sent()  # Part 2: the calls' reports, delivered or lost
     log.info("stopped")
 
 
