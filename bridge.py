@@ -1909,14 +1909,18 @@ async def attempt(key: str, body: bytes) -> tuple[int, str]:
             writer.close()
 
 
-async def reports_sent() -> None:
-    """On a drain, once the calls have ended: try waiting reports at once, and wait for them.
-
-    At most one attempt's timeout: what is still undelivered after that is lost, and logged.
-    """
+def try_reports_now() -> None:
+    """The process is stopping: try the reports waiting to be tried again, at once."""
     for wake in pauses:
         if not wake.done():
             wake.set_result(None)
+
+
+async def reports_sent() -> None:
+    """Once a drain has ended the calls, wait for their reports to be delivered or lost.
+
+    At most one attempt's timeout: what is still undelivered after that is lost, and logged.
+    """
     if deliveries:
         log.info("delivering %s", plural(len(deliveries), "call report"))
         _, late = await asyncio.wait(set(deliveries), timeout=REPORT_TIMEOUT)
@@ -2726,6 +2730,7 @@ async def drain(server) -> None:
     """Turn new calls away, let live calls finish for up to DRAIN_SECONDS, then end the rest."""
     global draining
     draining = True  # webhooks answer 503 from now on, so Twilio tries its fallback URL
+    try_reports_now()  # Part 2: no call report waits out its schedule
     log.info("stopping: new calls are turned away; waiting up to %g s for %s to end (a second "
              "signal stops at once)", DRAIN_SECONDS, plural(len(live_calls), "live call"))
     clock = asyncio.get_running_loop().time

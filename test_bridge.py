@@ -9,6 +9,8 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import datetime
+import gc
 import hashlib
 import hmac
 import http.client
@@ -26,8 +28,10 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import unittest
 import urllib.parse
+import weakref
 from unittest import mock
 from xml.etree import ElementTree
 
@@ -257,13 +261,15 @@ class TwilioStream(Peer):
 
 
 class FakeHTTP:
-    """A local HTTP server with canned JSON answers, standing in for Twilio's REST API and ngrok."""
+    """A local HTTP server with canned JSON answers, standing in for Twilio's REST API, ngrok,
+    and a receiver of call reports."""
 
-    def __init__(self, answers: dict[str, tuple[int, dict]], delay: float = 0):
-        self.answers = answers  # path -> (status, JSON body)
+    def __init__(self, answers: dict[str, tuple[int, dict] | list], delay: float = 0):
+        self.answers = answers  # path -> (status, JSON body), or a list of them, one a request
         self.delay = delay  # seconds each answer takes, as a slow API's would
         self.requests: list[dict] = []
         self.arrivals: asyncio.Queue[dict] = asyncio.Queue()
+        self.handlers: set[asyncio.Task] = set()
 
     async def start(self):
         self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
@@ -271,17 +277,21 @@ class FakeHTTP:
         return self
 
     async def handle(self, reader, writer):
+        self.handlers.add(asyncio.current_task())
         head = (await reader.readuntil(b"\r\n\r\n")).decode()
         method, path, _ = head.split("\r\n")[0].split(" ", 2)
         headers = dict(line.split(": ", 1) for line in head.split("\r\n")[1:] if ": " in line)
         body = await reader.readexactly(int(headers.get("Content-Length", 0)))
-        request = {"method": method, "path": path, "headers": headers,
+        request = {"method": method, "path": path, "headers": headers, "body": body,
                    "form": urllib.parse.parse_qs(body.decode()),
                    "time": asyncio.get_running_loop().time()}
         self.requests.append(request)
         self.arrivals.put_nowait(request)
         await asyncio.sleep(self.delay)
-        status, answer = self.answers.get(path, (404, {"status": 404, "message": "not found"}))
+        answers = self.answers.get(path, (404, {"status": 404, "message": "not found"}))
+        if isinstance(answers, list):  # the next answer; the last one repeats
+            answers = answers.pop(0) if len(answers) > 1 else answers[0]
+        status, answer = answers
         data = json.dumps(answer).encode()
         writer.write(f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
                      f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
@@ -293,6 +303,8 @@ class FakeHTTP:
 
     async def stop(self):
         self.server.close()
+        for handler in self.handlers:  # any still delaying its answer
+            handler.cancel()
         await self.server.wait_closed()
 
 
@@ -2104,6 +2116,218 @@ class Recording(BridgeTest):
         await self.log.wait_for(rf"^\[CA5{{32}}\] recording completed: {url}$")
 
 
+class Reports(BridgeTest):
+    """REPORT_URL: each call POSTs one signed JSON report there as it ends, in the background."""
+
+    SECRET = "report-secret"
+
+    async def receiver(self, *answers: int, delay: float = 0) -> FakeHTTP:
+        """A local receiver of reports at /reports, answering with these statuses in turn."""
+        receiver = await FakeHTTP({"/reports": [(status, {}) for status in answers or (200,)]},
+                                  delay).start()
+        self.addAsyncCleanup(receiver.stop)
+        self.settings(REPORT_URL=receiver.url + "/reports", REPORT_SECRET=self.SECRET,
+                      REPORT_RETRIES=(0.05, 0.05, 0.05))
+        return receiver
+
+    async def sent(self):
+        """Wait until every report handed to the sender is delivered or lost."""
+        if bridge.deliveries:
+            await asyncio.wait_for(asyncio.wait(set(bridge.deliveries)), TIMEOUT)
+
+    def verified(self, request: dict) -> dict:
+        """The report in a request, once its signature and headers check out as a receiver's."""
+        stamp, v1 = re.fullmatch(r"t=(\d+),v1=([0-9a-f]{64})",
+                                 request["headers"]["X-Bridge-Signature"]).groups()
+        expected = hmac.new(self.SECRET.encode(), f"{stamp}.".encode() + request["body"],
+                            hashlib.sha256).hexdigest()
+        self.assertTrue(hmac.compare_digest(v1, expected), "the signature does not verify")
+        self.assertLess(abs(time.time() - int(stamp)), 60)
+        self.assertEqual((request["method"], request["headers"]["Content-Type"]),
+                         ("POST", "application/json"))
+        return json.loads(request["body"])
+
+    async def test_a_call_reports_once_signed_with_its_transcript_tools_and_answer_times(self):
+        """A call ends: one call.ended document arrives, signed, with every field filled in."""
+        receiver = await self.receiver(200)
+        parameters = {"From": "+15550001111", "To": "+15552223333", "Direction": "inbound",
+                      "CallSid": CALL_SID, "name": "Ada"}
+        twilio, agent = await self.start_call(parameters=parameters)
+        await agent.send({"type": "transcript.user", "text": "Pick a number?"})
+        await agent.send({"type": "input.speech.stopped"})
+        await agent.send({"type": "reply.started", "reply_id": "r1"})
+        await agent.send({"type": "tool.call", "call_id": "c1", "name": "generate_random_number",
+                          "arguments": {"min": 7, "max": 7}})
+        await agent.send({"type": "reply.audio", "reply_id": "r1", "data": audio("a", 0)})
+        await agent.send({"type": "reply.done", "reply_id": "r1"})
+        await agent.wait_for(lambda a: a.of("type", "tool.result"))
+        await agent.send({"type": "reply.started", "reply_id": "r2"})
+        await agent.send({"type": "reply.done", "reply_id": "r2", "status": "interrupted"})
+        await agent.send({"type": "transcript.agent", "text": "It is", "interrupted": True})
+        await self.log.wait_for(r"agent: It is \[interrupted\]$")
+        await twilio.stop()
+        report = self.verified(await receiver.next_request())
+        await self.sent()
+        self.assertEqual(len(receiver.requests), 1)
+        self.assertEqual(receiver.requests[0]["headers"]["Idempotency-Key"],
+                         f"{CALL_SID}:call.ended")
+        started = datetime.datetime.fromisoformat(report.pop("started_at"))
+        ended = datetime.datetime.fromisoformat(report.pop("ended_at"))
+        self.assertAlmostEqual((ended - started).total_seconds(),
+                               report.pop("duration_seconds"), delta=0.002)
+        self.assertLess(abs(ended.timestamp() - time.time()), 5)
+        waits = report.pop("response_ms")
+        self.assertEqual((len(waits["turns"]), waits["p50"], waits["max"]),
+                         (1, waits["turns"][0], waits["turns"][0]))
+        self.assertEqual([(turn.pop("role"), turn.pop("text"), turn.pop("interrupted"))
+                          for turn in report["transcript"]],
+                         [("caller", "Pick a number?", False), ("agent", "It is", True)])
+        self.assertTrue(all(0 < turn.pop("at") < 5 for turn in report.pop("transcript")))
+        tool, = report.pop("tools")
+        self.assertLess(tool.pop("seconds"), 1)
+        self.assertEqual(tool, {"name": "generate_random_number",
+                                "arguments": {"min": 7, "max": 7}, "ok": True})
+        self.assertEqual(report, {
+            "event": "call.ended", "call_sid": CALL_SID, "stream_sid": "MZ" + CALL_SID[2:],
+            "agent_session_ids": ["sess_" + CALL_SID], "agent": "default",
+            "direction": "inbound", "from": "+15550001111", "to": "+15552223333",
+            "variables": {"name": "Ada"}, "answered_by": None, "ending": "caller_hung_up",
+            "transferred_to": None, "keypad_entries": 0, "barge_ins": 1,
+            "agent_reconnects": 0})
+
+    async def test_a_5xx_is_tried_again_a_4xx_is_not_and_metrics_count_both(self):
+        """500 then 200: delivered on the second try, with the same key; 400: lost at once."""
+        before = dict(bridge.counts)
+        for answers, attempts, delivered in (((500, 429, 200), 3, 1), ((400, 200), 1, 0)):
+            with self.subTest(answers=answers):
+                receiver = await self.receiver(*answers)
+                twilio, _ = await self.start_call()
+                await twilio.stop()
+                await twilio.closed()  # the call has ended, and handed its report over
+                await self.sent()
+                self.assertEqual([r["headers"]["Idempotency-Key"] for r in receiver.requests],
+                                 [f"{CALL_SID}:call.ended"] * attempts)
+                self.assertEqual(len({r["body"] for r in receiver.requests}), 1)  # one report
+        await self.log.wait_for(rf"^\[{CALL_SID}\] report {CALL_SID}:call.ended lost after 1 "
+                                r"attempt: HTTP 400$")
+        _, _, text = await self.http("GET", "/metrics")
+        for result, more in (("delivered", 1), ("retried", 2), ("failed", 1)):
+            sample = f'bridge_reports_total{{result="{result}"}}'
+            self.assertIn(f"{sample} {before[sample] + more}\n", text)
+
+    async def test_a_receiver_that_never_answers_costs_a_timeout_per_attempt_and_no_call(self):
+        """Each attempt gives up after REPORT_TIMEOUT; the report is lost, logged once; the
+        next call is answered meanwhile."""
+        receiver = await self.receiver(200, delay=60)
+        self.settings(REPORT_TIMEOUT=0.2)
+        twilio, _ = await self.start_call()
+        await twilio.stop()
+        await twilio.closed()  # at once: the call never waits for its report
+        await receiver.next_request()  # the first attempt hangs...
+        other, agent = await self.start_call(call_sid="CA" + "2" * 32)  # ...no call waits
+        await self.round_trip(other, agent)
+        await self.sent()
+        self.assertEqual(len(receiver.requests), 4)
+        line = await self.log.wait_for(r"lost after")
+        self.assertEqual(line, f"[{CALL_SID}] report {CALL_SID}:call.ended lost after 4 "
+                               "attempts: no answer within 0.2 s")
+
+    async def test_a_finished_recording_is_reported_on_its_own(self):
+        """/recording-status sends recording.completed, which the receiver joins on call_sid."""
+        receiver = await self.receiver(200)
+        url = f"https://api.twilio.com/2010-04-01/Accounts/AC{'0' * 32}/Recordings/RE{'1' * 32}"
+        status, _ = await self.callback("/recording-status", {
+            "CallSid": CALL_SID, "RecordingSid": "RE" + "1" * 32, "RecordingStatus": "completed",
+            "RecordingUrl": url, "RecordingDuration": "42"})
+        self.assertEqual(status, 200)
+        request = await receiver.next_request()
+        self.assertEqual(request["headers"]["Idempotency-Key"], f"{CALL_SID}:recording.completed")
+        self.assertEqual(self.verified(request), {
+            "event": "recording.completed", "call_sid": CALL_SID,
+            "recording_sid": "RE" + "1" * 32, "recording_url": url, "duration_seconds": 42})
+
+    async def test_redact_masks_the_transcript_and_the_tools_in_the_log_and_the_report(self):
+        """Card (Luhn), social security and phone numbers and emails become [card]...; an
+        order number that fails Luhn, and the call's own numbers, stay."""
+        receiver = await self.receiver(200)
+        self.settings(REDACT=True)
+        self.tool("take_card", lambda card: "taken")
+        said = ("My card is 4111 1111 1111 1111, order 4111-1111-1111-1112, mail ada@example.com,"
+                " SSN 123 45 6789, cell (555) 123-4567.")
+        masked = ("My card is [card], order 4111-1111-1111-1112, mail [email], SSN [ssn], cell "
+                  "[phone].")
+        twilio, agent = await self.start_call(parameters={"From": "+15550001111"})
+        await agent.send({"type": "transcript.user", "text": said})
+        await agent.send({"type": "reply.started", "reply_id": "r1"})
+        await agent.send({"type": "tool.call", "call_id": "c1", "name": "take_card",
+                          "arguments": {"card": "4111-1111-1111-1111"}})
+        await agent.send({"type": "reply.done", "reply_id": "r1"})
+        await agent.wait_for(lambda a: a.of("type", "tool.result"))
+        await twilio.stop()
+        report = json.loads((await receiver.next_request())["body"])
+        self.assertEqual(report["transcript"][0]["text"], masked)
+        self.assertEqual(report["tools"][0]["arguments"], {"card": "[card]"})
+        self.assertEqual(report["from"], "+15550001111")
+        self.assertIn(f"[{CALL_SID}] caller: {masked}", self.log.lines)
+        self.assertIn(f"[{CALL_SID}] tool take_card({{'card': '[card]'}}) -> taken",
+                      self.log.lines)
+        self.assertFalse([line for line in self.log.lines if "4111 1111" in line])
+
+    def test_what_redact_masks_and_leaves(self):
+        """Each kind of number, written as people write it and as speech is transcribed."""
+        with mock.patch.object(bridge, "REDACT", True):
+            for text, masked in (
+                    ("4012888888881881", "[card]"), ("4012 8888 8888 1881", "[card]"),
+                    ("4012888888881882", "4012888888881882"),  # fails Luhn: an order number
+                    ("123-45-6789", "[ssn]"), ("123 45 6789", "[ssn]"),
+                    ("+44 20 7946 0958", "[phone]"), ("555.123.4567", "[phone]"),
+                    ("1-555-123-4567", "[phone]"), ("call 5551234567 now", "call [phone] now"),
+                    ("a.b+c@mail.example.org", "[email]"), ("version 1.2.3", "version 1.2.3"),
+                    ("room 42, 3 pm", "room 42, 3 pm"), ("ID A123456789012", "ID A123456789012")):
+                self.assertEqual(bridge.masked(text), masked)
+            self.assertEqual(bridge.masked({"n": [5551234567, True, 7]}),
+                             {"n": ["[phone]", True, 7]})
+        self.assertEqual(bridge.masked("123-45-6789"), "123-45-6789")  # REDACT is off
+
+    async def test_a_long_transcript_keeps_its_last_turns_within_256_kib(self):
+        """A report over 262,144 bytes of JSON keeps the last turns that fit, and says so."""
+        receiver = await self.receiver(200)
+        twilio, agent = await self.start_call()
+        for n in range(300):
+            await agent.send({"type": "transcript.user", "text": f"{n:03} " + "x" * 1000})
+        await self.log.wait_for(r"caller: 299 x")
+        await twilio.stop()
+        body = (await receiver.next_request())["body"]
+        report = json.loads(body)
+        self.assertLessEqual(len(body), 262_144)
+        self.assertGreater(len(body), 262_144 - 1100)  # no more room for one more turn
+        self.assertTrue(report["transcript_truncated"])
+        texts = [turn["text"][:3] for turn in report["transcript"]]
+        self.assertEqual(texts, [f"{n:03}" for n in range(300 - len(texts), 300)])
+
+    async def test_without_report_url_nothing_is_kept_and_with_it_nothing_after(self):
+        """No REPORT_URL: the call keeps no transcript. With one, once the report is handed to
+        the sender the call itself is gone."""
+        twilio, agent = await self.start_call()
+        await agent.send({"type": "transcript.user", "text": "hello"})
+        await agent.send({"type": "transcript.agent", "text": "hi"})
+        await self.log.wait_for(r"agent: hi$")
+        self.assertEqual(bridge.streams[CALL_SID].report, bridge.Report())
+        await twilio.stop()
+        await self.log.wait_for(r"call ended after")
+        self.assertFalse(bridge.deliveries)
+        receiver = await self.receiver(200, delay=0.2)
+        twilio, agent = await self.start_call(call_sid="CA" + "3" * 32)
+        await agent.send({"type": "transcript.user", "text": "hello"})
+        call = weakref.ref(bridge.streams["CA" + "3" * 32])
+        await twilio.stop()
+        await receiver.next_request()  # the report is at the receiver, not yet answered
+        await twilio.closed()
+        gc.collect()
+        self.assertIsNone(call())
+        await self.sent()
+
+
 class CallsAPI(BridgeTest):
     """POST /calls places a call for an application, behind a bearer token."""
 
@@ -2982,6 +3206,22 @@ class StartUp(BridgeTest):
         self.assertEqual(await self.serve(ASSEMBLYAI_API_KEY="k", PORT="eighty"),
                          (1, "PORT=eighty is not a port number (1-65535)\n"))
 
+    async def test_reports_need_a_url_a_secret_and_https(self):
+        """REPORT_URL without REPORT_SECRET, or the other way round, or a plain http URL to
+        another host, is one line that names it."""
+        both = ("call reports need both REPORT_URL (where they go) and REPORT_SECRET (what "
+                "signs them)")
+        for env, line in (
+                ({"REPORT_URL": "https://example.com/r", "REPORT_SECRET": ""},
+                 f"REPORT_SECRET is not set: {both}"),
+                ({"REPORT_URL": "", "REPORT_SECRET": "s"}, f"REPORT_URL is not set: {both}"),
+                ({"REPORT_URL": "http://example.com/r", "REPORT_SECRET": "s"},
+                 "REPORT_URL=http://example.com/r must be an https:// URL (or http://localhost "
+                 "or http://127.0.0.1, to test): reports carry what callers said")):
+            with self.subTest(env=env):
+                self.assertEqual(await self.serve(ASSEMBLYAI_API_KEY="k", PORT="8080", **env),
+                                 (1, line + "\n"))
+
     async def test_bad_seconds(self):
         """A MAX_CALL_SECONDS or SILENCE_SECONDS that is not a number is named."""
         self.assertEqual(await self.serve(ASSEMBLYAI_API_KEY="k", PORT="8080",
@@ -3136,6 +3376,31 @@ class Redeploys(BridgeTest):
                                                {"CallSid": sid, "DialCallStatus": "no-answer"})
         self.assertEqual(status, 200)
         await self.carried_to_its_end(document, sid, process)
+
+    async def test_reports_are_delivered_before_a_draining_process_exits(self):
+        """SIGTERM: a report waiting to be tried again is tried at once, not on its schedule;
+        the call the drain ends reports too; then the process exits."""
+        receiver = await FakeHTTP({"/reports": [(500, {}), (500, {}), (200, {})]}).start()
+        self.addAsyncCleanup(receiver.stop)
+        process = await BridgeProcess.start(VOICE_AGENT_URL=self.agent.url, DRAIN_SECONDS="0.5",
+                                            REPORT_URL=receiver.url + "/reports",
+                                            REPORT_SECRET="secret")
+        self.addAsyncCleanup(process.close)
+        self.port = process.port
+        ended, _ = await self.start_call()
+        await ended.stop()
+        await receiver.next_request()
+        second = await receiver.next_request()  # 1 s after the first; the next is due in 5 s
+        await self.start_call(call_sid="CA" + "2" * 32)  # still live when the drain runs out
+        process.process.send_signal(signal.SIGTERM)
+        third = await receiver.next_request()
+        self.assertLess(third["time"] - second["time"], 4)
+        last = await receiver.next_request()
+        self.assertEqual(await process.exit_code(), 0)
+        self.assertEqual([(request["headers"]["Idempotency-Key"], json.loads(request["body"])[
+            "ending"]) for request in (third, last)], [(f"{CALL_SID}:call.ended", "caller_hung_up"),
+                                                      (f"CA{'2' * 32}:call.ended", "stream_closed")])
+        self.assertEqual(len(receiver.requests), 4)
 
     async def test_live_calls_finish_while_new_calls_get_503(self):
         """After SIGTERM webhooks answer 503, the live call goes on; when it ends, so does the
