@@ -2232,6 +2232,32 @@ class Reports(BridgeTest):
         self.assertEqual(line, f"[{CALL_SID}] report {CALL_SID}:call.ended lost after 4 "
                                "attempts: no answer within 0.2 s")
 
+    async def test_a_transfer_and_a_voicemail_say_how_the_call_ended(self):
+        """A transfer names its destination. A voicemail, a later stream of an outbound call,
+        has the verdict, and a key of its own (the call's first stream reported already)."""
+        receiver = await self.receiver(200)
+        await self.twilio_api(**{CALL_SID: 200})
+        self.settings(TRANSFER_NUMBER="+15557654321")
+        twilio, agent = await self.start_call()
+        await self.agree_to(agent, "transfer_call")
+        await agent.speak("reply_handoff", [audio("handoff", 0, 300)])
+        await twilio.echo(await twilio.next_mark())
+        report = json.loads((await receiver.next_request())["body"])
+        self.assertEqual((report["ending"], report["transferred_to"]), ("transferred", "a person"))
+        twilio = await TwilioStream.open(self.port, "/voicemail-stream", parameters={
+            "From": "+15552223333", "To": "+15550001111", "Direction": "outbound-api",
+            "AnsweredBy": "machine_end_beep"})
+        agent = await self.agent.next_session()
+        await agent.send({"type": "session.ready", "session_id": "sess_vm"})
+        await agent.speak("reply_vm", [audio("voicemail", 0, 300)])
+        await twilio.echo(await twilio.next_mark())
+        request = await receiver.next_request()
+        report = json.loads(request["body"])
+        self.assertEqual(request["headers"]["Idempotency-Key"],
+                         f"{CALL_SID}:call.ended:MZ{CALL_SID[2:]}")
+        self.assertEqual([report[key] for key in ("direction", "answered_by", "ending", "from")],
+                         ["outbound", "machine_end_beep", "voicemail", "+15552223333"])
+
     async def test_a_finished_recording_is_reported_on_its_own(self):
         """/recording-status sends recording.completed, which the receiver joins on call_sid."""
         receiver = await self.receiver(200)
@@ -3517,6 +3543,47 @@ class Readme(unittest.TestCase):
         self.assertEqual(asyncio.run(tool["function"]("Paris"))["city"], "Paris")
         self.assertEqual(pasted.value_problem("tools", ["get_weather", "end_call"]), "")
 
+    def test_the_report_receiver_takes_a_signed_report_and_refuses_a_forged_one(self):
+        """The receiver in "Call reports", run as written: 204 for a report the bridge signed,
+        401 for one signed with another secret; it prints the first alone."""
+        section = self.readme.split("### Call reports", 1)[1].split("\n### ", 1)[0]
+        receiver, = re.findall(r"```python\n(.*?)```", section, re.S)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        with tempfile.TemporaryDirectory() as folder:
+            with open(os.path.join(folder, "receiver.py"), "w") as file:
+                file.write(receiver)
+            process = subprocess.Popen(
+                [sys.executable, "-u", os.path.join(folder, "receiver.py")], text=True,
+                env={**os.environ, "PORT": str(port), "REPORT_SECRET": "s3cret"},
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            try:
+                statuses = asyncio.run(self.post_reports(port))
+            finally:
+                process.terminate()
+                printed, _ = process.communicate(timeout=TIMEOUT)
+        self.assertEqual(statuses, [204, 401])
+        self.assertEqual(printed, f"{CALL_SID}:call.ended call.ended\n")
+
+    async def post_reports(self, port: int) -> list[int]:
+        """The bridge's own attempt, once with the receiver's secret, once with another."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + TIMEOUT
+        while loop.time() < deadline:  # until the receiver listens
+            with contextlib.suppress(OSError):
+                (await asyncio.open_connection("127.0.0.1", port))[1].close()
+                break
+            await asyncio.sleep(0.05)
+        statuses = []
+        for secret in ("s3cret", "forged"):
+            with mock.patch.multiple(bridge, REPORT_URL=f"http://127.0.0.1:{port}/reports",
+                                     REPORT_SECRET=secret):
+                status, _ = await bridge.attempt(f"{CALL_SID}:call.ended",
+                                                 b'{"event": "call.ended"}')
+            statuses.append(status)
+        return statuses
+
     def test_the_walk_through_points_at_the_lines_it_names(self):
         """Each [`name`](bridge.py#L…) link lands on the line that defines name, in Part 1."""
         links = re.findall(r"\[\*{0,2}`(\w+)`\*{0,2}\]\(bridge\.py#L(\d+)\)", self.readme)
@@ -3550,17 +3617,22 @@ class BenchmarkOptions(unittest.TestCase):
 
 class EchoAgent(FakeAgent):
     """The fake Voice Agent API, for load: ready at once, and every input.audio comes back as
-    reply.audio, so each frame makes the whole round trip."""
+    reply.audio, so each frame makes the whole round trip; a line of transcript each second."""
 
     async def handle(self, ws):
         with contextlib.suppress(ConnectionClosed):
             await self.echo(ws)
 
     async def echo(self, ws):
+        frames = 0
         async for message in ws:
             event = json.loads(message)
             if event["type"] == "input.audio":
                 await ws.send('{"type": "reply.audio", "data": "' + event["audio"] + '"}')
+                frames += 1
+                if frames % 50 == 0:
+                    await ws.send('{"type": "transcript.user", "text": "I would like to '
+                                  'check on my order, it was placed last Tuesday."}')
             elif event["type"] == "session.update":
                 await ws.send('{"type": "session.ready", "session_id": "sess_bench"}')
 
@@ -3635,15 +3707,19 @@ def cpu_and_memory(pid: int) -> tuple[float, float]:
     return (int(utime) + int(stime)) / os.sysconf("SC_CLK_TCK"), rss / 1024
 
 
-async def bench_one(command: list[str], calls: int, seconds: float, agent_url: str) -> dict:
-    """Load one bridge (a command that serves on $PORT) with calls; return its figures."""
+async def bench_one(command: list[str], calls: int, seconds: float, agent_url: str,
+                    ending: int = 0, **env) -> dict:
+    """Load one bridge (a command that serves on $PORT) with calls; return its figures.
+
+    `ending` more calls start with them and all end halfway, while the others go on.
+    """
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     process = await asyncio.create_subprocess_exec(*command, env={
         **os.environ, "PORT": str(port), "VOICE_AGENT_URL": agent_url, "LOG_LEVEL": "WARNING",
         "ASSEMBLYAI_API_KEY": "bench-key", "TWILIO_AUTH_TOKEN": "", "PUBLIC_URL": "",
-        "SILENCE_SECONDS": "0"}, cwd=HERE, stderr=subprocess.DEVNULL)
+        "SILENCE_SECONDS": "0", **env}, cwd=HERE, stderr=subprocess.DEVNULL)
     try:
         for _ in range(100):  # until it listens
             with contextlib.suppress(OSError):
@@ -3654,7 +3730,9 @@ async def bench_one(command: list[str], calls: int, seconds: float, agent_url: s
         begin = loop.time() + warm  # then the calls start, spread over one frame period
         results = {"sent": 0, "lost": 0, "trips": []}
         calls_done = asyncio.gather(*(bench_call(port, n, begin + 0.02 * n / calls, seconds,
-                                                 results) for n in range(calls)))
+                                                 results) for n in range(calls)),
+                                    *(bench_call(port, calls + n, begin + 0.02 * n / ending,
+                                                 seconds / 2, results) for n in range(ending)))
         await asyncio.sleep(warm + 1)
         cpu_before, clock_before = cpu_and_memory(process.pid)[0], loop.time()
         await asyncio.sleep(seconds - 1.5)
@@ -3682,11 +3760,7 @@ async def bench(calls: int, seconds: float) -> None:
         await agent.stop()
     print(f"{calls} calls for {seconds:g} s each, on {os.cpu_count()} CPUs, Python "
           f"{sys.version.split()[0]}")
-    print(f"{'':14} {'CPU ms/call-s':>13} {'RSS MB':>7} {'RTT p50 ms':>10} {'p99 ms':>7} "
-          f"{'loss %':>7}")
-    for name, row in figures.items():
-        print(f"{name:14} {row['cpu_ms_per_call_second']:13.2f} {row['rss_mb']:7.1f} "
-              f"{row['rtt_p50_ms']:10.1f} {row['rtt_p99_ms']:7.1f} {row['loss_pct']:7.2f}")
+    print_figures(figures)
     ratio = (figures["bridge.py"]["cpu_ms_per_call_second"]
              / figures["minimal relay"]["cpu_ms_per_call_second"])
     print(f"bridge.py CPU / minimal relay CPU: {ratio:.2f}")
@@ -3696,21 +3770,57 @@ async def bench(calls: int, seconds: float) -> None:
           f"{'met' if met else 'MISSED'}")
 
 
+def print_figures(figures: dict) -> None:
+    print(f"{'':14} {'CPU ms/call-s':>13} {'RSS MB':>7} {'RTT p50 ms':>10} {'p99 ms':>7} "
+          f"{'loss %':>7}")
+    for name, row in figures.items():
+        print(f"{name:14} {row['cpu_ms_per_call_second']:13.2f} {row['rss_mb']:7.1f} "
+              f"{row['rtt_p50_ms']:10.1f} {row['rtt_p99_ms']:7.1f} {row['loss_pct']:7.2f}")
+
+
+async def bench_reports(calls: int, seconds: float, ending: int) -> None:
+    """bridge.py without and with REPORT_URL, at a receiver that takes 2 s to answer: the
+    calls that end halfway send their reports while the others' audio flows."""
+    agent = await EchoAgent().start()
+    receiver = await FakeHTTP({"/reports": (200, {})}, delay=2).start()
+    figures = {}
+    try:
+        for name, env in (("no reports", {}), ("reports", {
+                "REPORT_URL": receiver.url + "/reports", "REPORT_SECRET": "bench"})):
+            figures[name] = await bench_one([sys.executable, "bridge.py"], calls, seconds,
+                                            agent.url, ending, **env)
+    finally:
+        await agent.stop()
+        await receiver.stop()
+    print(f"{calls} calls for {seconds:g} s each, and {ending} more that end halfway, on "
+          f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
+    print_figures(figures)
+    ratio = (figures["reports"]["cpu_ms_per_call_second"]
+             / figures["no reports"]["cpu_ms_per_call_second"])
+    print(f"CPU with reports / without: {ratio:.2f}; reports received: {len(receiver.requests)}"
+          f" of {calls + ending} calls, each answered after 2 s")
+
+
 def bench_options(argv: list[str]) -> argparse.Namespace:
     """The benchmark's options: --calls N and --seconds S, either as two words or with =."""
     parser = argparse.ArgumentParser(prog="python test_bridge.py bench", allow_abbrev=False)
     parser.add_argument("--calls", type=int, default=100, help="simulated calls at once")
     parser.add_argument("--seconds", type=float, default=10, help="how long each call lasts")
+    parser.add_argument("--reports", type=int, metavar="ENDING", help="compare bridge.py with "
+                        "and without call reports to a slow receiver, as ENDING more calls end")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str]) -> None:
-    """Run the tests; or `bench [--calls N] [--seconds S]`; or `relay` (for the benchmark)."""
+    """Run the tests; or `bench [--calls N] [--seconds S] [--reports ENDING]`; or `relay`."""
     if argv[:1] == ["relay"]:
         asyncio.run(minimal_relay(int(os.environ["PORT"]), os.environ["VOICE_AGENT_URL"]))
     elif argv[:1] == ["bench"]:
         options = bench_options(argv[1:])
-        asyncio.run(bench(options.calls, options.seconds))
+        if options.reports is None:
+            asyncio.run(bench(options.calls, options.seconds))
+        else:
+            asyncio.run(bench_reports(options.calls, options.seconds, options.reports))
     else:
         unittest.main()
 
