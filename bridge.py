@@ -1746,6 +1746,8 @@ REDACT = switch("REDACT")  # mask card and social security numbers, emails, phon
 REPORT_TIMEOUT = 5  # seconds for one attempt to deliver a report
 REPORT_RETRIES = (1, 5, 30)  # seconds after a failed attempt before the next
 MAX_REPORT = 262_144  # bytes of JSON: a longer transcript keeps its last turns that fit
+REPORT_URL_FORM = re.compile(  # https to any host; plain http only to this machine, to test
+    r"(https://[A-Za-z0-9.-]+|http://(localhost|127\.0\.0\.1))(:\d{1,5})?(/[!-~]*)?")
 deliveries: set[asyncio.Task] = set()  # reports being delivered, or waiting to be tried again
 pauses: set[asyncio.Future] = set()  # the waits before trying again, which a drain cuts short
 
@@ -1801,7 +1803,7 @@ def call_report(call: Call) -> dict:
         "direction": "outbound" if call.facts.get("Direction", "").startswith("outbound")
         else "inbound",
         "from": call.facts.get("From"), "to": call.facts.get("To"),
-        "variables": {name: value for name, value in call.facts.items() if VARIABLE.fullmatch(name)},
+        "variables": {key: value for key, value in call.facts.items() if VARIABLE.fullmatch(key)},
         "answered_by": call.facts.get("AnsweredBy"),
         "started_at": utc(ended - (time.monotonic() - call.started)), "ended_at": utc(ended),
         "duration_seconds": round(time.monotonic() - call.started, 3),
@@ -1876,9 +1878,12 @@ async def pause(seconds: float) -> None:
     if seconds and not draining:
         wake = asyncio.get_running_loop().create_future()
         pauses.add(wake)
-        with suppress(TimeoutError):
+        try:
             await asyncio.wait_for(wake, seconds)
-        pauses.discard(wake)
+        except TimeoutError:
+            pass  # its time has come
+        finally:
+            pauses.discard(wake)
 
 
 async def attempt(key: str, body: bytes) -> tuple[int, str]:
@@ -1948,10 +1953,7 @@ def report_problem() -> str:
         missing = "REPORT_SECRET" if REPORT_URL else "REPORT_URL"
         return (f"{missing} is not set: call reports need both REPORT_URL (where they go) "
                 "and REPORT_SECRET (what signs them)")
-    url = urllib.parse.urlsplit(REPORT_URL)
-    local = url.scheme == "http" and url.hostname in ("localhost", "127.0.0.1")
-    if REPORT_URL and not ((url.scheme == "https" or local) and url.hostname
-                           and not url.username and re.fullmatch(r"[!-~]+", REPORT_URL)):
+    if REPORT_URL and not REPORT_URL_FORM.fullmatch(REPORT_URL):
         return (f"REPORT_URL={REPORT_URL} must be an https:// URL (or http://localhost or "
                 "http://127.0.0.1, to test): reports carry what callers said")
     return ""

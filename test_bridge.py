@@ -2126,6 +2126,7 @@ class Reports(BridgeTest):
         receiver = await FakeHTTP({"/reports": [(status, {}) for status in answers or (200,)]},
                                   delay).start()
         self.addAsyncCleanup(receiver.stop)
+        self.addAsyncCleanup(self.sent)  # first: no report is left half-sent
         self.settings(REPORT_URL=receiver.url + "/reports", REPORT_SECRET=self.SECRET,
                       REPORT_RETRIES=(0.05, 0.05, 0.05))
         return receiver
@@ -3243,7 +3244,15 @@ class StartUp(BridgeTest):
                 ({"REPORT_URL": "", "REPORT_SECRET": "s"}, f"REPORT_URL is not set: {both}"),
                 ({"REPORT_URL": "http://example.com/r", "REPORT_SECRET": "s"},
                  "REPORT_URL=http://example.com/r must be an https:// URL (or http://localhost "
-                 "or http://127.0.0.1, to test): reports carry what callers said")):
+                 "or http://127.0.0.1, to test): reports carry what callers said"),
+                ({"REPORT_URL": "https://user:pw@example.com/r", "REPORT_SECRET": "s"},
+                 "REPORT_URL=https://user:pw@example.com/r must be an https:// URL (or "
+                 "http://localhost or http://127.0.0.1, to test): reports carry what callers "
+                 "said"),
+                ({"REPORT_URL": "http://localhost.example.com/r", "REPORT_SECRET": "s"},
+                 "REPORT_URL=http://localhost.example.com/r must be an https:// URL (or "
+                 "http://localhost or http://127.0.0.1, to test): reports carry what callers "
+                 "said")):
             with self.subTest(env=env):
                 self.assertEqual(await self.serve(ASSEMBLYAI_API_KEY="k", PORT="8080", **env),
                                  (1, line + "\n"))
@@ -3423,9 +3432,10 @@ class Redeploys(BridgeTest):
         self.assertLess(third["time"] - second["time"], 4)
         last = await receiver.next_request()
         self.assertEqual(await process.exit_code(), 0)
-        self.assertEqual([(request["headers"]["Idempotency-Key"], json.loads(request["body"])[
-            "ending"]) for request in (third, last)], [(f"{CALL_SID}:call.ended", "caller_hung_up"),
-                                                      (f"CA{'2' * 32}:call.ended", "stream_closed")])
+        reports = [(request["headers"]["Idempotency-Key"], json.loads(request["body"])["ending"])
+                   for request in (third, last)]
+        self.assertEqual(reports, [(f"{CALL_SID}:call.ended", "caller_hung_up"),
+                                   (f"CA{'2' * 32}:call.ended", "stream_closed")])
         self.assertEqual(len(receiver.requests), 4)
 
     async def test_live_calls_finish_while_new_calls_get_503(self):
