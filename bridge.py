@@ -38,7 +38,7 @@ import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from xml.sax.saxutils import escape, quoteattr
 
@@ -203,12 +203,13 @@ def twiml(verbs: str) -> str:
     return f'<?xml version="1.0" encoding="UTF-8"?>\n<Response>{verbs}</Response>'
 
 
-def connect_twiml(stream_url: str, facts: dict) -> str:
-    """Connect the call to our Media Stream, with its facts; hang up when the stream ends."""
+def connect_twiml(stream_url: str, facts: dict, action: str = "") -> str:
+    """Connect the call to our Media Stream, with its facts; when the stream ends, hang up,
+    or ask the `action` attribute, if given, what next."""
     parameters = "".join(f"<Parameter name={quoteattr(name)} value={quoteattr(value)}/>"
                          for name, value in facts.items())
     stream = f"<Stream url={quoteattr(stream_url)}>{parameters}</Stream>"
-    return twiml(f"<Connect>{stream}</Connect><Hangup/>")
+    return twiml(f"<Connect{action}>{stream}</Connect><Hangup/>")
 
 
 def public_base_url(request: Request) -> str | None:
@@ -234,7 +235,8 @@ def stream_twiml(hook: Webhook, stream: str) -> str | None:
         hook.log.warning("cut %s to fit Twilio's limit of 500 characters per <Parameter>",
                          ", ".join(cut))
     expect_stream(facts.get("CallSid", ""))  # Part 3: a drain waits for its stream
-    return connect_twiml("wss" + base.removeprefix("https") + stream, facts)
+    action = stream_action(base, facts)  # Part 3: a process that dies, the call rejoins
+    return connect_twiml("wss" + base.removeprefix("https") + stream, facts, action)
 
 
 def answer_call(hook: Webhook, stream: str = "/stream") -> Response:
@@ -828,6 +830,7 @@ async def finish(call: Call) -> None:
                 await call.agent.send(json.dumps({"type": "session.end"}))
     if call.agent is not None:
         await call.agent.close()
+    await end_in_twilio(call)  # Part 3: an ending the bridge chose, before the stream closes
     call.log.info("%s", summary(call))  # Part 3
     count_ended(call)  # Part 3: /metrics
     send_report(call)  # Part 2: if REPORT_URL is set
@@ -928,14 +931,20 @@ def say_twiml(words: str) -> str:
 
 
 async def apologize(call: Call) -> None:
-    """The Voice Agent API failed: have Twilio apologize in its own voice before hanging up."""
+    """The Voice Agent API failed: put the caller through to the agent's fallback person, if
+    it has one (the transfers chapter), or have Twilio apologize in its own voice."""
     call.ending = "agent_failed"
+    ending, document, hears = "apology", say_twiml(APOLOGY), "an apology, then the call ends"
+    if call.persona["fallback"]:
+        base = public_base_url(call.twilio.request) or ""
+        ending, document = "fallback", fallback_twiml(call.persona, call.facts, base)
+        hears = "that a person takes over, and the fallback is dialled"
     if missing := missing_credentials():
         call.log.warning("hanging up without a spoken apology: set %s so that callers hear one",
                          missing)
-    elif await redirect(call.log, call.sid, say_twiml(APOLOGY)):
-        call.log.info("the caller hears an apology, then the call ends")
-        call.ending = "apology"
+    elif await redirect(call.log, call.sid, document):
+        call.log.info("the caller hears %s", hears)
+        call.ending = ending
 
 
 # ------------------------------------------------------------------------ call facts and variables
@@ -1074,9 +1083,9 @@ def value_problem(key: str, value) -> str:
         return f"voice {value!r} has capitals ({VOICE_HINT})"
     if key == "tools" and (unknown := [name for name in value if name not in TOOLS]):
         return f"tools names {unknown[0]!r}, which is not in TOOLS"
-    if key == "transfers" and (bad := [address for address in value.values() if not (
-            isinstance(address, str) and DESTINATION.fullmatch(address))]):
-        return f"transfers: {bad[0]!r} is not a +E.164 number or a sip: address"
+    if key == "transfers" and (bad := [place for place in value.values()
+                                       if destination_problem(place)]):
+        return destination_problem(bad[0])  # the transfers chapter
     return ""
 
 
@@ -1470,22 +1479,47 @@ WEBHOOKS["/amd"] = machine_detected
 
 # --------------------------------------------------------------------------------------- transfers
 # The agent hands the caller to a person: after its hand-off sentence has been heard, Twilio
-# dials the destination, whispers the agent's summary to whoever answers, then connects them.
-# If nobody answers, Twilio asks /transfer-done, and the caller is back with an agent that
-# knows. Each AGENTS entry names its own destinations ("transfers"); TRANSFER_NUMBER is the
-# default's only one. It needs Twilio credentials: the call is moved with the REST API.
+# dials the destination and whispers the agent's summary to whoever answers, who presses 1 to
+# take the call. If nobody answers, or the person (or their voicemail) does not press 1, the
+# caller is back with an agent that knows. Each AGENTS entry names its own destinations
+# ("transfers"); TRANSFER_NUMBER is the default's only one. A destination written
+# {"to": "+1...", "accept": False} rings straight through, with no key to press. It needs
+# Twilio credentials: the call is moved with the REST API.
+#
+# The same chapter dials a person when the agent fails, or the process is full: the entry's
+# "fallback" (FALLBACK_NUMBER for the default), after its "fallback_message".
 
-# What the agent is asked to say first when a transfer comes back unanswered.
-TRANSFER_FAILED = ("You tried to transfer the caller to {transfer_to}, but the call was not "
-                   "answered ({DialCallStatus}). The caller is back with you: apologize, say "
-                   "plainly that the transfer did not go through, and offer to help yourself or "
-                   "to take a message.")
+ACCEPT_SECONDS = 5  # for whoever answers a transfer to press 1, once the whisper is said
+WHISPER_SECONDS = 60  # at most, for a whisper and its answer: a drain waits for the outcome
+ACCEPT_PROMPT = "Press 1 to take the call."
+FALLBACK_NUMBER = os.environ.get("FALLBACK_NUMBER", "")  # a person, if the agent fails
+# What the agent is asked to say first when a transfer comes back: nobody answered, or the
+# person who did could not take the call.
+TRANSFER_FAILED = ("You tried to transfer the caller to {transfer_to}, but they could not "
+                   "take the call ({DialCallStatus}). The caller is back with you: apologize, "
+                   "say plainly that the transfer did not go through, and offer to help "
+                   "yourself or to take a message.")
 # ...and when Twilio refuses to move the call at all.
 TRANSFER_REFUSED = ("You tried to transfer the caller to {transfer_to}, but the phone system "
                     "refused the transfer. The caller is still with you: say so plainly, and "
                     "offer to help yourself or to take a message.")
-STREAMS["/return-stream"] = {"steer": TRANSFER_FAILED}  # a transfer nobody answered
+STREAMS["/return-stream"] = {"steer": TRANSFER_FAILED}  # a transfer nobody took
 ENDINGS["transferred"] = "transferred"
+ENDINGS["fallback"] = "the agent failed: the caller was put through to a person"
+AGENTS["default"].update({
+    "fallback": FALLBACK_NUMBER,  # whom to dial if the agent fails, or the process is full
+    "fallback_message": "Sorry, our assistant is not available right now. Let me put you "
+                        "through to a person.",
+    "busy_message": "Sorry, all our lines are busy right now. Please call again in a few "
+                    "minutes. Goodbye.",  # said when the process is full and there is no one
+})
+AGENT_CHECKS.update({
+    "fallback": lambda place: destination_problem(place, "fallback") if place else "",
+    "fallback_message": lambda words: "" if isinstance(words, str) and words
+    else "fallback_message must be a string",
+    "busy_message": lambda words: "" if isinstance(words, str) and words
+    else "busy_message must be a string",
+})
 
 
 def transfer_call(call: dict, destination: str = "", summary: str = "") -> str:
@@ -1500,8 +1534,8 @@ def transfer_targets(agent: dict) -> dict:
     return agent["transfers"] or ({"a person": TRANSFER_NUMBER} if TRANSFER_NUMBER else {})
 
 
-def transfer_target(agent: dict, destination: str) -> tuple[str, str]:
-    """The name and address of a destination; the only one, if it is not named."""
+def transfer_target(agent: dict, destination: str) -> tuple[str, str | dict]:
+    """The name and place (see dialing) of a destination; the only one, if it is not named."""
     targets = transfer_targets(agent)
     if not destination and len(targets) == 1:
         destination = next(iter(targets))
@@ -1534,16 +1568,32 @@ TOOLS["transfer_call"] = {
 AGENTS["default"]["tools"].append("transfer_call")
 
 
-def dial_twiml(address: str, action: str, whisper: str) -> str:
-    """Dial a number or SIP address; whoever answers hears the whisper first.
+def dialing(place: str | dict) -> tuple[str, bool]:
+    """What a transfers value dials, and whether whoever answers must press 1 to take it."""
+    return (place["to"], place.get("accept", True)) if isinstance(place, dict) else (place, True)
+
+
+def destination_problem(place, key: str = "transfers") -> str:
+    """What is wrong with a transfers value, or a fallback; "" if nothing is."""
+    if isinstance(place, dict) and set(place) <= {"to", "accept"} and isinstance(
+            place.get("accept", True), bool):
+        place = place.get("to")
+    if isinstance(place, str) and DESTINATION.fullmatch(place):
+        return ""
+    return (f"{key}: {place!r} is not a +E.164 number or a sip: address (or "
+            '{"to": one, "accept": False})')
+
+
+def dial(address: str, action: str, whisper: str = "") -> str:
+    """<Dial> a number or SIP address; whoever answers hears the whisper first, if any.
 
     When the dial ends, answered or not (TRANSFER_RING_SECONDS), Twilio asks `action` what
     comes next.
     """
     noun = "Sip" if address.startswith("sip:") else "Number"
-    ring = int(TRANSFER_RING_SECONDS)
-    return twiml(f'<Dial action={quoteattr(action)} timeout="{ring}"><{noun} '
-                 f"url={quoteattr(whisper)}>{escape(address)}</{noun}></Dial>")
+    url = f" url={quoteattr(whisper)}" if whisper else ""
+    return (f'<Dial action={quoteattr(action)} timeout="{int(TRANSFER_RING_SECONDS)}">'
+            f"<{noun}{url}>{escape(address)}</{noun}></Dial>")
 
 
 async def transfer(call: Call, arguments: dict) -> None:
@@ -1551,17 +1601,24 @@ async def transfer(call: Call, arguments: dict) -> None:
 
     The variables, and the destination's name, ride to /transfer-done for the way back.
     """
-    name, address = transfer_target(call.persona, arguments.get("destination", ""))
+    name, place = transfer_target(call.persona, arguments.get("destination", ""))
+    address, accept = dialing(place)
     base = public_base_url(call.twilio.request)
     variables = {key: value for key, value in call.facts.items() if VARIABLE.fullmatch(key)}
-    action = f"{base}/transfer-done?" + urllib.parse.urlencode({**variables, "transfer_to": name})
-    whisper = f"{base}/whisper?" + urllib.parse.urlencode({"summary": arguments.get("summary")
-                                                           or f"A caller for {name}."})
+    back = {**variables, "transfer_to": name}  # what the way back needs: to /transfer-done...
+    if accept:  # ...and to the whisper's answer, with the caller's side of the call
+        back |= {key: value for key, value in call.facts.items() if key in ("From", "To",
+                                                                             "Direction")}
+    whisper = f"{base}/whisper?" + urllib.parse.urlencode({
+        "summary": arguments.get("summary") or f"A caller for {name}.",
+        **({"accept": "1", **back} if accept else {})})
+    action = f"{base}/transfer-done?" + urllib.parse.urlencode(back)
     call.log.info("transferring the caller to %s (%s)", name, address)
-    if await redirect(call.log, call.sid, dial_twiml(address, action, whisper)):
+    if await redirect(call.log, call.sid, twiml(dial(address, action, whisper))):
         call.ending, call.report.transferred_to = "transferred", name
         call.over.set()
-        expect_stream(call.sid, TRANSFER_RING_SECONDS + START_TIMEOUT)  # Part 3: a drain waits
+        within = TRANSFER_RING_SECONDS + WHISPER_SECONDS + START_TIMEOUT
+        expect_stream(call.sid, within)  # Part 3: a drain waits for the outcome
     else:
         call.log.error("the transfer failed: the caller stays with the agent")
         call.leaving = ""
@@ -1582,13 +1639,65 @@ def transfer_done(hook: Webhook) -> Response:
 
 
 def whisper(hook: Webhook) -> Response:
-    """Tell the person who answers a transfer what it is about, before they are connected."""
+    """Tell the person who answers a transfer what it is about; ask them to press 1 to take it.
+
+    No key (a voicemail cannot press one) runs the <Redirect> after the <Gather>: declined.
+    """
     summary = CONTROL_CHARACTERS.sub("", hook.query.get("summary", ""))[:1000]
-    return hook.answer(200, twiml(f"<Say>{escape(summary)}</Say>"), "text/xml")
+    said = f"<Say>{escape(summary)}</Say>"
+    base = public_base_url(hook.request)
+    if hook.query.get("accept") != "1" or base is None:
+        return hook.answer(200, twiml(said), "text/xml")
+    answer = f"{base}/whisper-answer?" + urllib.parse.urlencode(hook.query)
+    ask = (f'<Gather numDigits="1" timeout="{ACCEPT_SECONDS}" action={quoteattr(answer)}>'
+           f"{said}<Say>{ACCEPT_PROMPT}</Say></Gather><Redirect>{escape(answer)}</Redirect>")
+    return hook.answer(200, twiml(ask), "text/xml")
+
+
+async def whisper_answer(hook: Webhook) -> Response:
+    """1 connects the person who answered a transfer; anything else, or nothing, declines.
+
+    On a decline, the caller's call (the whisper's ParentCallSid) is moved back to the agent
+    through the REST API, before this leg hangs up: the <Dial>'s own outcome would say only
+    that a call was answered, and ended.
+    """
+    digits = hook.form.get("Digits", "")
+    if digits == "1":
+        hook.log.info("the transfer was accepted: connecting the caller")
+        return hook.answer(200, twiml(""), "text/xml")
+    parent = hook.form.get("ParentCallSid", "")
+    if CALL_SID.fullmatch(parent):
+        fields = {key: value for key, value in hook.query.items()
+                  if key not in ("summary", "accept")}
+        back = replace(hook, query=fields, form={"CallSid": parent,
+                                                 "DialCallStatus": "declined"})
+        back.log.info("the transfer was declined (%s): back to the agent",
+                      f"pressed {digits[:1]}" if digits else "no key pressed")
+        if document := stream_twiml(back, "/return-stream"):
+            await redirect(back.log, parent, document)
+    return hook.answer(200, twiml("<Hangup/>"), "text/xml")
+
+
+def fallback_twiml(agent: dict, facts: dict, base: str) -> str:
+    """Say the agent's fallback message, then dial its fallback; /fallback-done says next."""
+    address, _ = dialing(agent["fallback"])  # a person dialled as a fallback is never asked
+    words = fill(agent["fallback_message"], facts) or ""
+    return twiml(f"<Say>{escape(words)}</Say>" + dial(address, f"{base}/fallback-done"))
+
+
+def fallback_done(hook: Webhook) -> Response:
+    """The call to the fallback has ended: after a conversation, hang up; else apologize."""
+    status = hook.form.get("DialCallStatus", "?")
+    hook.log.info("the call to the fallback ended: %s", status)
+    if status in ("completed", "answered"):
+        return hook.answer(200, twiml("<Hangup/>"), "text/xml")
+    return hook.answer(200, say_twiml(APOLOGY), "text/xml")
 
 
 WEBHOOKS["/transfer-done"] = transfer_done
 WEBHOOKS["/whisper"] = whisper
+WEBHOOKS["/whisper-answer"] = whisper_answer
+WEBHOOKS["/fallback-done"] = fallback_done
 
 
 # ---------------------------------------------------------------------------------------- keys out
@@ -2230,6 +2339,104 @@ AGENT_EVENTS["session.error"] = on_session_error
 AGENT_EVENTS["error"] = on_session_error  # AssemblyAI's older examples name it so
 
 
+# ------------------------------------------------------------------- a full process, a lost process
+# MAX_CALLS caps the live calls one process serves: a call past it is answered at once, with
+# the agent's fallback person, or its busy message, and never costs an agent session.
+#
+# With REST credentials, the TwiML that connects a stream names an action on <Connect>, which
+# Twilio requests when the stream ends while the call is still up. An ending the bridge chose
+# has already ended the call through the REST API by then, so that request says the process
+# carrying the call died (a crash, kill -9, a lost node, or a drain that ran out): whichever
+# process gets it answers with a fresh stream for the same call, from the facts on its URL.
+
+MAX_REJOINS = 2  # streams lost in one call before the fallback, or the apology, ends it
+STREAMS["/rejoin-stream"] = {"greeting": "rejoin_greeting"}  # a call whose process died
+AGENTS["default"]["rejoin_greeting"] = "Sorry, we got cut off for a moment. Where were we?"
+AGENT_CHECKS["rejoin_greeting"] = lambda words: "" if isinstance(words, str) and words else (
+    "rejoin_greeting must be a string")
+ENDINGS["over_capacity"] = "turned away: MAX_CALLS calls were live"  # counted, never a stream
+# Endings after which the call is not the bridge's to end: the caller has hung up, Twilio has
+# new TwiML for it (a transfer, the apology, the fallback), or the stream was lost: rejoin.
+NOT_OURS_TO_END = {"caller_hung_up", "stream_closed", "transferred", "apology", "fallback"}
+ANSWERS = {"/twiml", "/outbound-twiml"}  # the webhooks that start a call: MAX_CALLS applies
+
+
+def whole_number(name: str) -> int:
+    """A setting that counts something: a whole number; unset, 0."""
+    text = os.environ.get(name) or "0"
+    if not re.fullmatch(r"[0-9]+", text):
+        unreadable.append(f"{name}={text} is not a whole number")
+        return 0
+    return int(text)
+
+
+MAX_CALLS = whole_number("MAX_CALLS")  # live calls one process serves; 0: no limit
+
+
+def full() -> bool:
+    """Whether this process serves MAX_CALLS calls: live, or answered and not yet streaming."""
+    streams_due()  # forgets the streams that never came
+    return bool(MAX_CALLS) and len(live_calls) + len(unstarted) >= MAX_CALLS
+
+
+def over_capacity(hook: Webhook) -> Response:
+    """Answer a call this process has no room for: its fallback person, or a busy message."""
+    facts, _ = call_facts({**hook.query, **hook.form}, hook.query)
+    agent = agent_for(numbers(facts)[0])
+    base = public_base_url(hook.request)
+    counts['bridge_calls_total{outcome="over_capacity"}'] += 1
+    if agent["fallback"] and base:
+        hook.log.warning("over capacity (MAX_CALLS=%d): the caller is put through to the "
+                         "fallback", MAX_CALLS)
+        return hook.answer(200, fallback_twiml(agent, facts, base), "text/xml")
+    hook.log.warning("over capacity (MAX_CALLS=%d): the caller hears the busy message",
+                     MAX_CALLS)
+    return hook.answer(200, say_twiml(fill(agent["busy_message"], facts) or ""), "text/xml")
+
+
+def stream_action(base: str, facts: dict) -> str:
+    """<Connect>'s action attribute, with REST credentials (else none): the call's facts
+    ride on its URL, which Twilio signs, so that any process can rejoin the call."""
+    if missing_credentials():
+        return ""
+    carried = {name: value for name, value in facts.items() if name != "CallSid"}
+    return " action=" + quoteattr(f"{base}/stream-ended?" + urllib.parse.urlencode(carried))
+
+
+def stream_ended(hook: Webhook) -> Response:
+    """A call's stream ended: hang up if the call has too; else rejoin it, up to MAX_REJOINS."""
+    status = hook.form.get("CallStatus", "?")
+    if status != "in-progress":
+        return hook.answer(200, twiml("<Hangup/>"), "text/xml")
+    before = hook.query.get("rejoined", "0")
+    rejoined = int(before) + 1 if re.fullmatch(r"[0-9]", before) else MAX_REJOINS + 1
+    if rejoined > MAX_REJOINS:
+        hook.log.error("the call's stream was lost %s: ending the call", plural(rejoined, "time"))
+        facts, _ = call_facts({**hook.query, **hook.form}, hook.query)
+        agent, base = agent_for(numbers(facts)[0]), public_base_url(hook.request)
+        document = (fallback_twiml(agent, facts, base) if agent["fallback"] and base
+                    else say_twiml(APOLOGY))
+        return hook.answer(200, document, "text/xml")
+    hook.log.warning("the call's stream was lost while the call was up (its process stopped?): "
+                     "rejoining it (%d of %d)", rejoined, MAX_REJOINS)
+    query = {"rejoined": str(rejoined), **hook.query}  # first: it outranks MAX_VARIABLES
+    query["rejoined"] = str(rejoined)
+    return answer_call(replace(hook, query=query), "/rejoin-stream")
+
+
+async def end_in_twilio(call: Call) -> None:
+    """End the call through the REST API if the bridge chose to end it, before its stream
+    closes: then no <Connect> action takes it for a lost process, and rejoins it."""
+    if (call.ending or "stream_closed") in NOT_OURS_TO_END or missing_credentials():
+        return
+    form = [("Status", "completed")]
+    if await twilio_rest(call.log, f"Calls/{call.sid}.json", form, "end the call") is None:
+        call.log.warning("the call may come back to the agent: Twilio did not end it")
+
+
+WEBHOOKS["/stream-ended"] = stream_ended
+
+
 # ----------------------------------------------------------------------------------- HTTP requests
 # One port serves both: a plain HTTP request is a webhook, answered by process_request; a
 # WebSocket upgrade on a STREAMS path is a Media Stream. Every request gets an answer with a
@@ -2360,7 +2567,8 @@ async def process_request(connection: ServerConnection, request: Request) -> Res
     query = urllib.parse.parse_qsl(url.query, keep_blank_values=True)
     # Twilio sends its fields in a POST's body, or in the query string of a GET.
     form = connection.form or query
-    response = WEBHOOKS[url.path](Webhook(connection, request, url.path, dict(query), dict(form)))
+    handler = over_capacity if url.path in ANSWERS and full() else WEBHOOKS[url.path]
+    response = handler(Webhook(connection, request, url.path, dict(query), dict(form)))
     return await response if inspect.isawaitable(response) else response
 
 
@@ -2743,8 +2951,9 @@ async def drain(server) -> None:
         else:
             await asyncio.sleep(0.05)  # for the stream of a call answered just before the signal
     if live_calls:
-        log.warning("ending %s still live after DRAIN_SECONDS", plural(len(live_calls), "call"))
-    server.close()  # closes their streams: each call ends its agent session and hangs up
+        log.warning("ending %s still live after DRAIN_SECONDS%s", plural(len(live_calls), "call"),
+                    "" if missing_credentials() else ": each rejoins another process")
+    server.close()  # closes their streams: each call ends its agent session (and rejoins)
     await server.wait_closed()
     await reports_sent()  # Part 2: the calls' reports, delivered or lost
     log.info("stopped")

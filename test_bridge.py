@@ -1260,7 +1260,8 @@ class Agents(BridgeTest):
                 "AGENTS['+15552223333']: unknown key 'prompt' (known keys: system_prompt, "
                 "greeting, outbound_greeting, voicemail, voice, tools, keyterms, transfers, "
                 "turn_detection, transcription_mode, language_codes, protect_greeting, "
-                "time_warning_seconds)",
+                "time_warning_seconds, fallback, fallback_message, busy_message, "
+                "rejoin_greeting)",
             '"5552223333": {}': "AGENTS['5552223333']: a key must be \"default\" or one of your "
                                 "numbers in E.164 form (+15551234567)",
             '"+15552223333": {"keyterms": "Acme"}':
@@ -1284,10 +1285,16 @@ class Agents(BridgeTest):
                 "voice in AGENTS: names are lowercase)",
             '"+15552223333": {"transfers": {"desk": "sip:desk\\x07@example.com"}}':
                 "AGENTS['+15552223333']: transfers: 'sip:desk\\x07@example.com' is not a +E.164 "
-                "number or a sip: address",
+                'number or a sip: address (or {"to": one, "accept": False})',
             '"+15552223333": {"transfers": {"sales": "555-1234"}}':
                 "AGENTS['+15552223333']: transfers: '555-1234' is not a +E.164 number or a sip: "
-                "address",
+                'address (or {"to": one, "accept": False})',
+            '"+15552223333": {"transfers": {"desk": {"to": "+15557650001", "accept": "no"}}}':
+                "AGENTS['+15552223333']: transfers: {'to': '+15557650001', 'accept': 'no'} is "
+                'not a +E.164 number or a sip: address (or {"to": one, "accept": False})',
+            '"+15552223333": {"fallback": "front desk"}':
+                "AGENTS['+15552223333']: fallback: 'front desk' is not a +E.164 number or a "
+                'sip: address (or {"to": one, "accept": False})',
         }
         for entry, line in cases.items():
             with self.subTest(entry=entry):
@@ -1836,8 +1843,8 @@ class Transfers(BridgeTest):
         self.assertEqual(await twilio.closed(), 1000)
         whisper = dial[0].get("url").removeprefix("https://abc.ngrok.app")
         status, document = await self.callback(whisper, {"CallSid": "CA" + "8" * 32})
-        self.assertEqual((status, ElementTree.fromstring(document).find("Say").text),
-                         (200, summary))
+        self.assertEqual((status, [say.text for say in ElementTree.fromstring(document).iter(
+            "Say")]), (200, [summary, "Press 1 to take the call."]))
         action = dial.get("action").removeprefix("https://abc.ngrok.app")
         status, document = await self.callback(action, {
             **{key: value for key, value in self.CALLER.items() if key != "name"},
@@ -1892,8 +1899,8 @@ class Transfers(BridgeTest):
         self.assertEqual(request["form"], {"Twiml": [
             '<?xml version="1.0" encoding="UTF-8"?>\n<Response>'
             f'<Dial action="{base}/transfer-done?transfer_to=a+person" timeout="20">'
-            f'<Number url="{base}/whisper?summary=A+caller+for+a+person.">+15557654321</Number>'
-            "</Dial></Response>"]})
+            f'<Number url="{base}/whisper?summary=A+caller+for+a+person.&amp;accept=1&amp;'
+            'transfer_to=a+person">+15557654321</Number></Dial></Response>']})
         await agent.wait_for(lambda a: a.of("type", "session.end"))
         self.assertEqual(await twilio.closed(), 1000)
         await self.log.wait_for(r"call ended after [\d.]+ s \(transferred\)")
