@@ -2419,8 +2419,8 @@ def stream_ended(hook: Webhook) -> Response:
         return hook.answer(200, document, "text/xml")
     hook.log.warning("the call's stream was lost while the call was up (its process stopped?): "
                      "rejoining it (%d of %d)", rejoined, MAX_REJOINS)
-    query = {"rejoined": str(rejoined), **hook.query}  # first: it outranks MAX_VARIABLES
-    query["rejoined"] = str(rejoined)
+    query = {"rejoined": str(rejoined)}  # first, so that MAX_VARIABLES never drops it
+    query |= {name: value for name, value in hook.query.items() if name != "rejoined"}
     return answer_call(replace(hook, query=query), "/rejoin-stream")
 
 

@@ -1069,6 +1069,7 @@ class HangUps(BridgeTest):
 # One class a chapter, in bridge.py's order.
 
 
+HANGUP_TWIML = '<?xml version="1.0" encoding="UTF-8"?>\n<Response><Hangup/></Response>'
 APOLOGY_TWIML = ('<?xml version="1.0" encoding="UTF-8"?>\n<Response><Say>Sorry, our assistant '
                  "is not available right now. Please call again later. Goodbye.</Say><Hangup/>"
                  "</Response>")
@@ -1961,6 +1962,81 @@ class Transfers(BridgeTest):
                 dialed = [r for r in rest.requests if "<Dial" in r["form"].get("Twiml", [""])[0]]
                 self.assertEqual(len(dialed), ok == "transfer_call")
 
+    async def test_the_person_who_answers_presses_1_to_take_the_call_or_it_comes_back(self):
+        """1 connects; another key, or none (a voicemail), moves the caller's own call back to
+        the agent through the REST API, with the facts, and then this leg hangs up."""
+        await self.with_destinations()
+        child = "CA" + "8" * 32
+        answer = ("/whisper-answer?summary=Ada&accept=1&name=Ada&transfer_to=billing&"
+                  "From=%2B15550001111&To=%2B15552223333&Direction=inbound")
+        status, document = await self.callback(answer, {"CallSid": child, "Digits": "1",
+                                                        "ParentCallSid": self.SID})
+        self.assertEqual((status, document), (200, '<?xml version="1.0" encoding="UTF-8"?>\n'
+                                                   "<Response></Response>"))
+        self.assertEqual(self.rest.requests, [])
+        for form in ({"Digits": "2"}, {}):
+            with self.subTest(form=form):
+                status, document = await self.callback(answer, {
+                    "CallSid": child, "ParentCallSid": self.SID, **form})
+                self.assertEqual((status, ElementTree.fromstring(document)[0].tag),
+                                 (200, "Hangup"))
+                request = await self.rest.next_request()
+                self.assertEqual(request["path"], f"/2010-04-01/Accounts/AC{'0' * 32}/Calls/"
+                                                  f"{self.SID}.json")
+                back = request["form"]["Twiml"][0]
+                self.assertEqual(ElementTree.fromstring(back).find("Connect/Stream").get("url"),
+                                 "wss://abc.ngrok.app/return-stream")
+                self.assertEqual(stream_parameters(back), [
+                    ("From", "+15550001111"), ("To", "+15552223333"), ("Direction", "inbound"),
+                    ("CallSid", self.SID), ("DialCallStatus", "declined"), ("name", "Ada"),
+                    ("transfer_to", "billing")])
+        await self.log.wait_for(rf"\[{self.SID}\] the transfer was declined \(no key pressed\)")
+
+    async def test_the_whisper_asks_for_1_unless_the_destination_rings_straight_through(self):
+        """A plain destination's whisper is a <Gather> of one key for ACCEPT_SECONDS, then a
+        <Redirect> that declines; {"to": ..., "accept": False} is the summary alone."""
+        await self.with_destinations()
+        for accept, expected in ((True, [("Gather", "1", "5"), ("Redirect", None, None)]),
+                                 (False, [("Say", None, None)])):
+            with self.subTest(accept=accept):
+                query = "/whisper?summary=Ada&transfer_to=desk" + "&accept=1" * accept
+                status, document = await self.callback(query, {"CallSid": "CA" + "8" * 32})
+                verbs = ElementTree.fromstring(document)
+                self.assertEqual([(verb.tag, verb.get("numDigits"), verb.get("timeout"))
+                                  for verb in verbs], expected)
+                if accept:
+                    self.assertEqual(verbs[0].get("action"), "https://abc.ngrok.app/whisper-"
+                                     "answer?summary=Ada&transfer_to=desk&accept=1")
+                    self.assertEqual(verbs[1].text, verbs[0].get("action"))
+        twilio, agent, _ = await self.transfer({"destination": "sales"})  # accepts by default
+        self.agents(transfers={"desk": {"to": "+15557650002", "accept": False}})
+        await agent.speak("reply_handoff", [audio("handoff", 0, 300)])
+        await twilio.echo(await twilio.next_mark())
+        dial = ElementTree.fromstring((await self.rest.next_request())["form"]["Twiml"][0])[0]
+        self.assertIn("accept=1", dial[0].get("url"))
+
+    async def test_a_failed_agent_puts_the_caller_through_to_the_fallback(self):
+        """With a fallback, the caller hears the fallback message and the person is dialled;
+        no answer there, and the caller hears the apology; an answer, and the call ends."""
+        rest = await self.twilio_api(**{CALL_SID: 200})
+        self.agents(fallback="+15550009999")
+        self.agent.refuse = 401  # refused for good: no retries
+        twilio = await TwilioStream.open(self.port)
+        request = await rest.next_request()
+        document = ElementTree.fromstring(request["form"]["Twiml"][0])
+        base = f"https://127.0.0.1:{self.port}"
+        self.assertEqual([(verb.tag, verb.text, verb.get("action")) for verb in document],
+                         [("Say", bridge.AGENTS["default"]["fallback_message"], None),
+                          ("Dial", None, base + "/fallback-done")])
+        self.assertEqual(document.find("Dial/Number").text, "+15550009999")
+        self.assertEqual(await twilio.closed(), 1000)
+        await self.log.wait_for(r"call ended after [\d.]+ s \(the agent failed: the caller was "
+                                r"put through to a person\)")
+        for status, answer in (("no-answer", APOLOGY_TWIML), ("completed", HANGUP_TWIML)):
+            with self.subTest(DialCallStatus=status):
+                self.assertEqual(await self.callback("/fallback-done", {
+                    "CallSid": CALL_SID, "DialCallStatus": status}), (200, answer))
+
     async def test_transfer_is_offered_only_with_a_number_and_credentials(self):
         """No TRANSFER_NUMBER, or no Twilio credentials: no transfer_call, and asking fails."""
         await self.twilio_api()
@@ -2771,6 +2847,148 @@ class AgentFailures(BridgeTest):
         self.assertLess(max(times) - min(times), 2)
         for stream in failing:
             self.assertEqual(await stream.closed(), 1000)
+
+
+class LostCalls(BridgeTest):
+    """MAX_CALLS answers the calls past it at once; a call whose process dies rejoins
+    another, and a call the bridge ended is ended in Twilio first, so that it never does."""
+
+    FORM = {"CallSid": CALL_SID, "From": "+15550001111", "To": "+15552223333",
+            "Direction": "inbound", "CallStatus": "ringing"}
+
+    async def test_a_call_past_max_calls_hears_the_busy_message_or_gets_the_fallback(self):
+        """At MAX_CALLS (answered calls count until their stream comes), a call gets TwiML at
+        once: no agent session, one log line, counted; a rejoin is never turned away."""
+        self.settings(MAX_CALLS=1)
+        before = bridge.counts['bridge_calls_total{outcome="over_capacity"}']
+        self.assertEqual((await self.callback("/twiml", self.FORM))[0], 200)  # the one call
+        other = {**self.FORM, "CallSid": "CA" + "2" * 32}
+        busy = bridge.say_twiml(bridge.AGENTS["default"]["busy_message"])
+        self.assertEqual(await self.callback("/twiml", other), (200, busy))
+        await self.log.wait_for(r"^\[CA2{32}\] over capacity \(MAX_CALLS=1\): the caller hears "
+                                r"the busy message$")
+        self.agents(fallback="+15550009999")
+        status, document = await self.callback("/outbound-twiml", other)
+        self.assertEqual(ElementTree.fromstring(document).find("Dial/Number").text,
+                         "+15550009999")
+        _, _, text = await self.http("GET", "/metrics")
+        self.assertIn(f'bridge_calls_total{{outcome="over_capacity"}} {before + 2}\n', text)
+        self.assertTrue(self.agent.sessions.empty())
+        await self.twilio_api()
+        status, document = await self.callback("/stream-ended", {**other,
+                                                                 "CallStatus": "in-progress"})
+        self.assertEqual(ElementTree.fromstring(document).find("Connect/Stream").get("url"),
+                         "wss://abc.ngrok.app/rejoin-stream")
+
+    async def test_with_credentials_connect_names_an_action_carrying_the_facts(self):
+        """<Connect action=...>: Twilio's fields and the variables ride on its URL."""
+        await self.twilio_api()
+        status, document = await self.callback("/twiml?name=Ada", self.FORM)
+        self.assertEqual(ElementTree.fromstring(document).find("Connect").get("action"),
+                         "https://abc.ngrok.app/stream-ended?From=%2B15550001111&To=%2B15552223333"
+                         "&Direction=inbound&name=Ada")
+
+    async def test_the_action_hangs_up_an_ended_call_and_rejoins_a_live_one_twice(self):
+        """CallStatus other than in-progress: <Hangup/>. In progress: a fresh stream, with the
+        facts and rejoined=1, whose agent greets with the rejoin greeting. After two: the
+        apology."""
+        await self.twilio_api()
+        action = "/stream-ended?From=%2B15550001111&To=%2B15552223333&Direction=inbound&name=Ada"
+        for status in ("completed", "busy"):
+            self.assertEqual(await self.callback(action, {**self.FORM, "CallStatus": status}),
+                             (200, HANGUP_TWIML))
+        live = {**self.FORM, "CallStatus": "in-progress"}
+        _, document = await self.callback(action, live)
+        self.assertEqual(stream_parameters(document), [
+            ("From", "+15550001111"), ("To", "+15552223333"), ("Direction", "inbound"),
+            ("CallSid", CALL_SID), ("rejoined", "1"), ("name", "Ada")])
+        again = ElementTree.fromstring(document).find("Connect").get("action")
+        self.assertIn("rejoined=1", again)
+        twilio, agent = await self.follow(document, CALL_SID)
+        session = (await agent.wait_for(lambda a: a.of("type", "session.update")))[0]["session"]
+        self.assertEqual(session["greeting"], "Sorry, we got cut off for a moment. Where were "
+                                              "we?")
+        await self.log.wait_for(r"rejoining it \(1 of 2\)")
+        self.assertEqual(await self.callback(action + "&rejoined=2", live), (200, APOLOGY_TWIML))
+        await self.log.wait_for(r"the call's stream was lost 3 times: ending the call")
+
+    async def test_an_ending_the_bridge_chose_ends_the_call_in_twilio_before_the_stream(self):
+        """The agent hangs up: Twilio is told to end the call while the stream is still open.
+        The caller hanging up: nothing to tell."""
+        rest = await self.twilio_api(**{CALL_SID: 200})
+        twilio, agent = await self.start_call()
+        await self.agree_to(agent, "end_call")
+        await agent.speak("reply_bye", [audio("bye", 0, 300)])
+        await twilio.echo(await twilio.next_mark())
+        request = await rest.next_request()
+        self.assertFalse(twilio.reader.done())  # the stream closes only after this answer
+        self.assertEqual(request["form"], {"Status": ["completed"]})
+        self.assertEqual(await twilio.closed(), 1000)
+        twilio, _ = await self.start_call()
+        await twilio.stop()
+        await twilio.closed()
+        self.assertEqual(len(rest.requests), 1)
+
+    async def test_a_call_survives_its_process_being_killed_mid_reply(self):
+        """kill -9 the process carrying a call while the agent speaks: Twilio asks the
+        <Connect> action, a second process answers it with a stream for the same call, with its
+        facts and rejoined=1, and the caller hears the agent again."""
+        rest = await FakeHTTP({}).start()
+        self.addAsyncCleanup(rest.stop)
+        self.settings(TWILIO_AUTH_TOKEN="secret")  # so that the helpers sign as Twilio does
+        env = {"VOICE_AGENT_URL": self.agent.url, "TWILIO_API_URL": rest.url,
+               "TWILIO_ACCOUNT_SID": "AC" + "0" * 32, "TWILIO_AUTH_TOKEN": "secret"}
+        first, second = [await BridgeProcess.start(**env) for _ in range(2)]
+        self.addAsyncCleanup(first.close)
+        self.addAsyncCleanup(second.close)
+        self.port = first.port
+        _, document = await self.callback("/twiml?name=Ada", self.FORM)
+        action = ElementTree.fromstring(document).find("Connect").get("action")
+        twilio, agent = await self.follow(document, CALL_SID)
+        await agent.send({"type": "session.ready", "session_id": "sess_first"})
+        await agent.send({"type": "reply.started", "reply_id": "r1"})
+        await agent.send({"type": "reply.audio", "reply_id": "r1", "data": audio("mid", 0)})
+        await twilio.wait_for(lambda t: t.played())
+        loop = asyncio.get_running_loop()
+        killed = loop.time()
+        first.process.kill()  # SIGKILL: no drain, no goodbye
+        await twilio.closed()  # what Twilio sees, then it asks the action
+        self.port = second.port
+        _, document = await self.callback(urllib.parse.urlsplit(action).path + "?"
+                                          + urllib.parse.urlsplit(action).query,
+                                          {**self.FORM, "CallStatus": "in-progress"})
+        self.assertEqual(stream_parameters(document), [
+            ("From", "+15550001111"), ("To", "+15552223333"), ("Direction", "inbound"),
+            ("CallSid", CALL_SID), ("rejoined", "1"), ("name", "Ada")])
+        twilio, agent = await self.follow(document, CALL_SID)
+        session = (await agent.wait_for(lambda a: a.of("type", "session.update")))[0]["session"]
+        self.assertEqual(session["greeting"], bridge.AGENTS["default"]["rejoin_greeting"])
+        self.assertIn('rejoined: "1"', session["system_prompt"])
+        await agent.send({"type": "session.ready", "session_id": "sess_second"})
+        greeting = audio("cut off", 0)
+        await agent.speak("greeting", [greeting])
+        await twilio.wait_for(lambda t: greeting in t.played())
+        self.rejoined_after = loop.time() - killed  # the kill to the agent's voice again
+        await second.wait_for(r"rejoining it \(1 of 2\)")
+
+    async def test_a_call_the_drain_cuts_is_left_to_rejoin_another_process(self):
+        """DRAIN_SECONDS runs out with a call live: its stream closes, and the call is not
+        ended in Twilio, so its <Connect> action brings it to another process."""
+        rest = await FakeHTTP({}).start()
+        self.addAsyncCleanup(rest.stop)
+        self.settings(TWILIO_AUTH_TOKEN="secret")
+        process = await BridgeProcess.start(
+            VOICE_AGENT_URL=self.agent.url, TWILIO_API_URL=rest.url, DRAIN_SECONDS="0.2",
+            TWILIO_ACCOUNT_SID="AC" + "0" * 32, TWILIO_AUTH_TOKEN="secret")
+        self.addAsyncCleanup(process.close)
+        self.port = process.port
+        twilio, _ = await self.start_call()
+        process.process.send_signal(signal.SIGTERM)
+        await process.wait_for(r"ending 1 call still live after DRAIN_SECONDS: each rejoins "
+                               r"another process")
+        self.assertEqual(await twilio.closed(), 1001)
+        self.assertEqual(await process.exit_code(), 0)
+        self.assertEqual(rest.requests, [])
 
 
 class Signatures(BridgeTest):
