@@ -2339,7 +2339,7 @@ AGENT_EVENTS["session.error"] = on_session_error
 AGENT_EVENTS["error"] = on_session_error  # AssemblyAI's older examples name it so
 
 
-# ------------------------------------------------------------------- a full process, a lost process
+# ---------------------------------------------------------------------- a full process, a lost one
 # MAX_CALLS caps the live calls one process serves: a call past it is answered at once, with
 # the agent's fallback person, or its busy message, and never costs an agent session.
 #
