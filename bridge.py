@@ -1597,24 +1597,11 @@ def dial(address: str, action: str, whisper: str = "") -> str:
 
 
 async def transfer(call: Call, arguments: dict) -> None:
-    """Dial the destination transfer_call chose, with its summary as the whisper.
-
-    The variables, and the destination's name, ride to /transfer-done for the way back.
-    """
+    """Dial the destination transfer_call chose, with its summary as the whisper."""
     name, place = transfer_target(call.persona, arguments.get("destination", ""))
-    address, accept = dialing(place)
-    base = public_base_url(call.twilio.request)
-    variables = {key: value for key, value in call.facts.items() if VARIABLE.fullmatch(key)}
-    back = {**variables, "transfer_to": name}  # what the way back needs: to /transfer-done...
-    if accept:  # ...and to the whisper's answer, with the caller's side of the call
-        back |= {key: value for key, value in call.facts.items() if key in ("From", "To",
-                                                                             "Direction")}
-    whisper = f"{base}/whisper?" + urllib.parse.urlencode({
-        "summary": arguments.get("summary") or f"A caller for {name}.",
-        **({"accept": "1", **back} if accept else {})})
-    action = f"{base}/transfer-done?" + urllib.parse.urlencode(back)
-    call.log.info("transferring the caller to %s (%s)", name, address)
-    if await redirect(call.log, call.sid, twiml(dial(address, action, whisper))):
+    call.log.info("transferring the caller to %s (%s)", name, dialing(place)[0])
+    document = transfer_twiml(call, name, place, arguments.get("summary") or "")
+    if await redirect(call.log, call.sid, document):
         call.ending, call.report.transferred_to = "transferred", name
         call.over.set()
         within = TRANSFER_RING_SECONDS + WHISPER_SECONDS + START_TIMEOUT
@@ -1623,6 +1610,22 @@ async def transfer(call: Call, arguments: dict) -> None:
         call.log.error("the transfer failed: the caller stays with the agent")
         call.leaving = ""
         steer(call, TRANSFER_REFUSED.format(transfer_to=name))
+
+
+def transfer_twiml(call: Call, name: str, place: str | dict, summary: str) -> str:
+    """A transfer's <Dial>, its whisper, and on both URLs what the way back needs.
+
+    That is the variables and the destination's name, for /transfer-done; and, where the
+    person must accept, for the whisper's answer too, with the caller's side of the call.
+    """
+    address, accept = dialing(place)
+    base = public_base_url(call.twilio.request)
+    back = {key: value for key, value in call.facts.items() if VARIABLE.fullmatch(key) or (
+        accept and key in ("From", "To", "Direction"))} | {"transfer_to": name}
+    whisper = {"summary": summary or f"A caller for {name}.",
+               **({"accept": "1", **back} if accept else {})}
+    return twiml(dial(address, f"{base}/transfer-done?" + urllib.parse.urlencode(back),
+                      f"{base}/whisper?" + urllib.parse.urlencode(whisper)))
 
 
 CALL_ACTIONS["transfer"] = transfer
@@ -1673,8 +1676,10 @@ async def whisper_answer(hook: Webhook) -> Response:
                                                  "DialCallStatus": "declined"})
         back.log.info("the transfer was declined (%s): back to the agent",
                       f"pressed {digits[:1]}" if digits else "no key pressed")
-        if document := stream_twiml(back, "/return-stream"):
-            await redirect(back.log, parent, document)
+        document = stream_twiml(back, "/return-stream")
+        if not (document and await redirect(back.log, parent, document)):
+            back.log.error("the caller could not be moved back: connecting them after all")
+            return hook.answer(200, twiml(""), "text/xml")  # better than a dropped caller
     return hook.answer(200, twiml("<Hangup/>"), "text/xml")
 
 

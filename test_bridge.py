@@ -430,9 +430,10 @@ class BridgeTest(unittest.IsolatedAsyncioTestCase):
                       TWILIO_AUTH_TOKEN="", TWILIO_API_URL="http://127.0.0.1:9",
                       MAX_CALL_SECONDS=3600, SILENCE_SECONDS=0)
         self.agents(voice="")  # whatever AGENT_VOICE a developer's .env sets
-        patcher = mock.patch.dict(bridge.logged, clear=True)  # what was logged once a minute
-        patcher.start()
-        self.addCleanup(patcher.stop)
+        for state in (bridge.logged, bridge.unstarted):  # once a minute; streams still due
+            patcher = mock.patch.dict(state, clear=True)
+            patcher.start()
+            self.addCleanup(patcher.stop)
         self.log = LogLines()
         bridge.log.addHandler(self.log)
         bridge.log.setLevel(logging.INFO)
@@ -1991,6 +1992,11 @@ class Transfers(BridgeTest):
                     ("CallSid", self.SID), ("DialCallStatus", "declined"), ("name", "Ada"),
                     ("transfer_to", "billing")])
         await self.log.wait_for(rf"\[{self.SID}\] the transfer was declined \(no key pressed\)")
+        lost = "CA" + "9" * 32  # a caller's call Twilio will not move: connect them after all
+        self.assertEqual(await self.callback(answer, {"CallSid": child, "ParentCallSid": lost}),
+                         (200, '<?xml version="1.0" encoding="UTF-8"?>\n<Response></Response>'))
+        await self.log.wait_for(rf"\[{lost}\] the caller could not be moved back: connecting "
+                                "them after all")
 
     async def test_the_whisper_asks_for_1_unless_the_destination_rings_straight_through(self):
         """A plain destination's whisper is a <Gather> of one key for ACCEPT_SECONDS, then a
