@@ -269,7 +269,7 @@ class FakeHTTP:
         self.delay = delay  # seconds each answer takes, as a slow API's would
         self.requests: list[dict] = []
         self.arrivals: asyncio.Queue[dict] = asyncio.Queue()
-        self.handlers: set[asyncio.Task] = set()
+        self.stopping = asyncio.Event()  # answers still delayed are dropped
 
     async def start(self):
         self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
@@ -277,7 +277,6 @@ class FakeHTTP:
         return self
 
     async def handle(self, reader, writer):
-        self.handlers.add(asyncio.current_task())
         head = (await reader.readuntil(b"\r\n\r\n")).decode()
         method, path, _ = head.split("\r\n")[0].split(" ", 2)
         headers = dict(line.split(": ", 1) for line in head.split("\r\n")[1:] if ": " in line)
@@ -287,7 +286,10 @@ class FakeHTTP:
                    "time": asyncio.get_running_loop().time()}
         self.requests.append(request)
         self.arrivals.put_nowait(request)
-        await asyncio.sleep(self.delay)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), self.delay)
+        if self.stopping.is_set():
+            return writer.close()
         answers = self.answers.get(path, (404, {"status": 404, "message": "not found"}))
         if isinstance(answers, list):  # the next answer; the last one repeats
             answers = answers.pop(0) if len(answers) > 1 else answers[0]
@@ -302,9 +304,8 @@ class FakeHTTP:
         return await asyncio.wait_for(self.arrivals.get(), TIMEOUT)
 
     async def stop(self):
+        self.stopping.set()
         self.server.close()
-        for handler in self.handlers:  # any still delaying its answer
-            handler.cancel()
         await self.server.wait_closed()
 
 
@@ -3999,11 +4000,8 @@ async def bench(calls: int, seconds: float) -> None:
             figures[name] = await bench_one(command, calls, seconds, agent.url)
     finally:
         await agent.stop()
-    print(f"{calls} calls for {seconds:g} s each, on {os.cpu_count()} CPUs, Python "
-          f"{sys.version.split()[0]}")
-    print_figures(figures)
-    ratio = (figures["bridge.py"]["cpu_ms_per_call_second"]
-             / figures["minimal relay"]["cpu_ms_per_call_second"])
+    print_figures(f"{calls} calls for {seconds:g} s each", figures)
+    ratio = cpu_ratio(figures, "bridge.py", "minimal relay")
     print(f"bridge.py CPU / minimal relay CPU: {ratio:.2f}")
     ours = figures["bridge.py"]
     met = ratio <= 1.15 and ours["loss_pct"] == 0 and ours["rss_mb"] <= 40
@@ -4011,12 +4009,18 @@ async def bench(calls: int, seconds: float) -> None:
           f"{'met' if met else 'MISSED'}")
 
 
-def print_figures(figures: dict) -> None:
+def print_figures(what: str, figures: dict) -> None:
+    """A run's figures, a row for each bridge, under a line that says what ran, and where."""
+    print(f"{what}, on {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
     print(f"{'':14} {'CPU ms/call-s':>13} {'RSS MB':>7} {'RTT p50 ms':>10} {'p99 ms':>7} "
           f"{'loss %':>7}")
     for name, row in figures.items():
         print(f"{name:14} {row['cpu_ms_per_call_second']:13.2f} {row['rss_mb']:7.1f} "
               f"{row['rtt_p50_ms']:10.1f} {row['rtt_p99_ms']:7.1f} {row['loss_pct']:7.2f}")
+
+
+def cpu_ratio(figures: dict, ours: str, theirs: str) -> float:
+    return figures[ours]["cpu_ms_per_call_second"] / figures[theirs]["cpu_ms_per_call_second"]
 
 
 async def bench_reports(calls: int, seconds: float, ending: int) -> None:
@@ -4033,11 +4037,9 @@ async def bench_reports(calls: int, seconds: float, ending: int) -> None:
     finally:
         await agent.stop()
         await receiver.stop()
-    print(f"{calls} calls for {seconds:g} s each, and {ending} more that end halfway, on "
-          f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
-    print_figures(figures)
-    ratio = (figures["reports"]["cpu_ms_per_call_second"]
-             / figures["no reports"]["cpu_ms_per_call_second"])
+    print_figures(f"{calls} calls for {seconds:g} s each, and {ending} more that end "
+                  "halfway", figures)
+    ratio = cpu_ratio(figures, "reports", "no reports")
     print(f"CPU with reports / without: {ratio:.2f}; reports received: {len(receiver.requests)}"
           f" of {calls + ending} calls, each answered after 2 s")
 
