@@ -2896,7 +2896,8 @@ def log_what_is_off() -> None:
                     "AssemblyAI account; set TWILIO_AUTH_TOKEN to turn the check on")
     if missing := missing_credentials():
         log.warning("%s %s not set: if the Voice Agent API fails, callers are hung up without "
-                    "a spoken apology, and the agent cannot transfer calls", missing,
+                    "a spoken apology or a fallback person, the agent cannot transfer calls, "
+                    "and a call whose process dies is lost", missing,
                     "are" if " and " in missing else "is")
     elif not TRANSFER_NUMBER and not any(agent.get("transfers") for agent in AGENTS.values()):
         log.info("TRANSFER_NUMBER is not set: the agent cannot transfer calls to a person")

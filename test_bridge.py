@@ -2918,6 +2918,10 @@ class LostCalls(BridgeTest):
         await self.log.wait_for(r"rejoining it \(1 of 2\)")
         self.assertEqual(await self.callback(action + "&rejoined=2", live), (200, APOLOGY_TWIML))
         await self.log.wait_for(r"the call's stream was lost 3 times: ending the call")
+        self.agents(fallback="+15550009999")  # with a fallback, a person instead
+        _, document = await self.callback(action + "&rejoined=2", live)
+        self.assertEqual(ElementTree.fromstring(document).find("Dial/Number").text,
+                         "+15550009999")
 
     async def test_an_ending_the_bridge_chose_ends_the_call_in_twilio_before_the_stream(self):
         """The agent hangs up: Twilio is told to end the call while the stream is still open.
@@ -3587,7 +3591,8 @@ class StartUp(BridgeTest):
         bridge.log_what_is_off()
         await self.log.wait_for("TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN are not set: if the "
                                 "Voice Agent API fails, callers are hung up without a spoken "
-                                "apology, and the agent cannot transfer calls")
+                                "apology or a fallback person, the agent cannot transfer "
+                                "calls, and a call whose process dies is lost")
         self.settings(TWILIO_AUTH_TOKEN="secret")  # the README's first step sets only this
         bridge.log_what_is_off()
         await self.log.wait_for("^TWILIO_ACCOUNT_SID is not set: if the Voice Agent API fails")
