@@ -2380,8 +2380,10 @@ MAX_CALLS = whole_number("MAX_CALLS")  # live calls one process serves; 0: no li
 
 def full() -> bool:
     """Whether this process serves MAX_CALLS calls: live, or answered and not yet streaming."""
+    if not MAX_CALLS:
+        return False
     streams_due()  # forgets the streams that never came
-    return bool(MAX_CALLS) and len(live_calls) + len(unstarted) >= MAX_CALLS
+    return len(live_calls) + len(unstarted) >= MAX_CALLS
 
 
 def over_capacity(hook: Webhook) -> Response:
