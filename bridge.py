@@ -1514,7 +1514,8 @@ AGENTS["default"].update({
                     "minutes. Goodbye.",  # said when the process is full and there is no one
 })
 AGENT_CHECKS.update({
-    "fallback": lambda place: destination_problem(place, "fallback") if place else "",
+    "fallback": lambda place: destination_problem(place, "fallback (or FALLBACK_NUMBER)")
+    if place else "",
     "fallback_message": lambda words: "" if isinstance(words, str) and words
     else "fallback_message must be a string",
     "busy_message": lambda words: "" if isinstance(words, str) and words

@@ -1296,8 +1296,8 @@ class Agents(BridgeTest):
                 "AGENTS['+15552223333']: transfers: {'to': '+15557650001', 'accept': 'no'} is "
                 'not a +E.164 number or a sip: address (or {"to": one, "accept": False})',
             '"+15552223333": {"fallback": "front desk"}':
-                "AGENTS['+15552223333']: fallback: 'front desk' is not a +E.164 number or a "
-                'sip: address (or {"to": one, "accept": False})',
+                "AGENTS['+15552223333']: fallback (or FALLBACK_NUMBER): 'front desk' is not a "
+                '+E.164 number or a sip: address (or {"to": one, "accept": False})',
         }
         for entry, line in cases.items():
             with self.subTest(entry=entry):
