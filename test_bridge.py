@@ -1299,16 +1299,21 @@ class Agents(BridgeTest):
                 "AGENTS['+15552223333']: fallback (or FALLBACK_NUMBER): 'front desk' is not a "
                 '+E.164 number or a sip: address (or {"to": one, "accept": False})',
         }
-        for entry, line in cases.items():
+        outcomes = await asyncio.gather(*map(self.start_with, cases))  # all at once: faster
+        for (entry, line), outcome in zip(cases.items(), outcomes):
             with self.subTest(entry=entry):
-                process = await asyncio.create_subprocess_exec(
-                    sys.executable, "-c", f"import bridge; bridge.AGENTS.update({{{entry}}}); "
-                                          "bridge.main([])",
-                    cwd=HERE, env=dict(os.environ, ASSEMBLYAI_API_KEY="k", PORT="8080",
-                                       MAX_CALL_SECONDS="3600", SILENCE_SECONDS="30"),
-                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                _, err = await asyncio.wait_for(process.communicate(), 4 * TIMEOUT)
-                self.assertEqual((process.returncode, err.decode()), (1, line + "\n"))
+                self.assertEqual(outcome, (1, line + "\n"))
+
+    async def start_with(self, entry: str) -> tuple[int, str]:
+        """Start bridge.py with one more AGENTS entry; its exit code and what it said."""
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", f"import bridge; bridge.AGENTS.update({{{entry}}}); "
+                                  "bridge.main([])",
+            cwd=HERE, env=dict(os.environ, ASSEMBLYAI_API_KEY="k", PORT="8080",
+                               MAX_CALL_SECONDS="3600", SILENCE_SECONDS="30"),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, err = await asyncio.wait_for(process.communicate(), 4 * TIMEOUT)
+        return process.returncode, err.decode()
 
 
 class Keypad(BridgeTest):
@@ -3504,13 +3509,15 @@ class StartUp(BridgeTest):
 
     async def test_placeholder_or_quoted_keys(self):
         """The README's placeholder, or a key pasted with quotes or spaces, is refused."""
-        for key in ("your-key", "YOUR_API_KEY", "your-assemblyai-api-key", "<your-key>"):
-            self.assertEqual(await self.serve(ASSEMBLYAI_API_KEY=key, PORT="8080"), (
-                1, "ASSEMBLYAI_API_KEY is a placeholder: put your key from AssemblyAI's "
-                   "dashboard in its place\n"))
-        for key in ('"abc123"', "abc 123", "abc123\t"):
-            self.assertEqual(await self.serve(ASSEMBLYAI_API_KEY=key, PORT="8080"), (
-                1, "ASSEMBLYAI_API_KEY has a space or a quote in it: set the key alone\n"))
+        placeholder = ("ASSEMBLYAI_API_KEY is a placeholder: put your key from AssemblyAI's "
+                       "dashboard in its place\n")
+        quoted = "ASSEMBLYAI_API_KEY has a space or a quote in it: set the key alone\n"
+        keys = {"your-key": placeholder, "YOUR_API_KEY": placeholder, "<your-key>": placeholder,
+                "your-assemblyai-api-key": placeholder, '"abc123"': quoted, "abc 123": quoted,
+                "abc123\t": quoted}
+        outcomes = await asyncio.gather(*(self.serve(ASSEMBLYAI_API_KEY=key, PORT="8080")
+                                          for key in keys))  # all at once: faster
+        self.assertEqual(outcomes, [(1, line) for line in keys.values()])
 
     async def test_a_voice_with_capitals_is_refused(self):
         """AGENT_VOICE=Jane would fail every call: refused at start-up, with the hint."""
