@@ -2380,11 +2380,16 @@ MAX_CALLS = whole_number("MAX_CALLS")  # live calls one process serves; 0: no li
 
 
 def full() -> bool:
-    """Whether this process serves MAX_CALLS calls: live, or answered and not yet streaming."""
+    """Whether this process serves MAX_CALLS calls: live, or answered and not yet streaming.
+
+    A call whose transfer is ringing is the drain's to wait for, not a call served here.
+    """
     if not MAX_CALLS:
         return False
     streams_due()  # forgets the streams that never came
-    return len(live_calls) + len(unstarted) >= MAX_CALLS
+    soon = time.monotonic() + START_TIMEOUT  # a webhook's stream is due by then; a transfer's
+    answered = sum(due <= soon for due in unstarted.values())  # outcome, much later
+    return len(live_calls) + answered >= MAX_CALLS
 
 
 def over_capacity(hook: Webhook) -> Response:

@@ -2869,11 +2869,14 @@ class LostCalls(BridgeTest):
             "Direction": "inbound", "CallStatus": "ringing"}
 
     async def test_a_call_past_max_calls_hears_the_busy_message_or_gets_the_fallback(self):
-        """At MAX_CALLS (answered calls count until their stream comes), a call gets TwiML at
-        once: no agent session, one log line, counted; a rejoin is never turned away."""
+        """At MAX_CALLS (answered calls count until their stream comes; a transfer ringing
+        does not), a call gets TwiML at once: no agent session, one log line, counted; a rejoin
+        is never turned away."""
         self.settings(MAX_CALLS=1)
         before = bridge.counts['bridge_calls_total{outcome="over_capacity"}']
-        self.assertEqual((await self.callback("/twiml", self.FORM))[0], 200)  # the one call
+        bridge.expect_stream("CA" + "7" * 32, 85)  # a transfer ringing: not a call served here
+        _, document = await self.callback("/twiml", self.FORM)  # the one call there is room for
+        self.assertIsNotNone(ElementTree.fromstring(document).find("Connect/Stream"))
         other = {**self.FORM, "CallSid": "CA" + "2" * 32}
         busy = bridge.say_twiml(bridge.AGENTS["default"]["busy_message"])
         self.assertEqual(await self.callback("/twiml", other), (200, busy))
