@@ -1516,10 +1516,8 @@ AGENTS["default"].update({
 AGENT_CHECKS.update({
     "fallback": lambda place: destination_problem(place, "fallback (or FALLBACK_NUMBER)")
     if place else "",
-    "fallback_message": lambda words: "" if isinstance(words, str) and words
-    else "fallback_message must be a string",
-    "busy_message": lambda words: "" if isinstance(words, str) and words
-    else "busy_message must be a string",
+    "fallback_message": lambda words: words_problem("fallback_message", words),
+    "busy_message": lambda words: words_problem("busy_message", words),
 })
 
 
@@ -1567,6 +1565,11 @@ TOOLS["transfer_call"] = {
     "offered": lambda agent: bool(transfer_targets(agent)) and not missing_credentials(),
 }
 AGENTS["default"]["tools"].append("transfer_call")
+
+
+def words_problem(key: str, words) -> str:
+    """What is wrong with a message an AGENTS entry gives, or "" if nothing is."""
+    return "" if isinstance(words, str) and words else f"{key} must be a string"
 
 
 def dialing(place: str | dict) -> tuple[str, bool]:
@@ -2358,8 +2361,7 @@ AGENT_EVENTS["error"] = on_session_error  # AssemblyAI's older examples name it 
 MAX_REJOINS = 2  # streams lost in one call before the fallback, or the apology, ends it
 STREAMS["/rejoin-stream"] = {"greeting": "rejoin_greeting"}  # a call whose process died
 AGENTS["default"]["rejoin_greeting"] = "Sorry, we got cut off for a moment. Where were we?"
-AGENT_CHECKS["rejoin_greeting"] = lambda words: "" if isinstance(words, str) and words else (
-    "rejoin_greeting must be a string")
+AGENT_CHECKS["rejoin_greeting"] = lambda words: words_problem("rejoin_greeting", words)
 ENDINGS["over_capacity"] = "turned away: MAX_CALLS calls were live"  # counted, never a stream
 # Endings after which the call is not the bridge's to end: the caller has hung up, Twilio has
 # new TwiML for it (a transfer, the apology, the fallback), or the stream was lost: rejoin.
