@@ -1295,6 +1295,8 @@ class Agents(BridgeTest):
             '"+15552223333": {"transfers": {"desk": {"to": "+15557650001", "accept": "no"}}}':
                 "AGENTS['+15552223333']: transfers: {'to': '+15557650001', 'accept': 'no'} is "
                 'not a +E.164 number or a sip: address (or {"to": one, "accept": False})',
+            '"+15552223333": {"busy_message": 3}':
+                "AGENTS['+15552223333']: busy_message must be a string",
             '"+15552223333": {"fallback": "front desk"}':
                 "AGENTS['+15552223333']: fallback (or FALLBACK_NUMBER): 'front desk' is not a "
                 '+E.164 number or a sip: address (or {"to": one, "accept": False})',
