@@ -2394,19 +2394,22 @@ def full() -> bool:
     return len(live_calls) + answered >= MAX_CALLS
 
 
+def fallback_for(hook: Webhook) -> tuple[dict, dict, str | None]:
+    """A webhook's call facts, the agent for that call, and TwiML that puts the call through
+    to the agent's fallback person; None if it has none."""
+    facts, _ = call_facts({**hook.query, **hook.form}, hook.query)
+    agent, base = agent_for(numbers(facts)[0]), public_base_url(hook.request)
+    return facts, agent, fallback_twiml(agent, facts, base) if agent["fallback"] and base else None
+
+
 def over_capacity(hook: Webhook) -> Response:
     """Answer a call this process has no room for: its fallback person, or a busy message."""
-    facts, _ = call_facts({**hook.query, **hook.form}, hook.query)
-    agent = agent_for(numbers(facts)[0])
-    base = public_base_url(hook.request)
+    facts, agent, document = fallback_for(hook)
     counts['bridge_calls_total{outcome="over_capacity"}'] += 1
-    if agent["fallback"] and base:
-        hook.log.warning("over capacity (MAX_CALLS=%d): the caller is put through to the "
-                         "fallback", MAX_CALLS)
-        return hook.answer(200, fallback_twiml(agent, facts, base), "text/xml")
-    hook.log.warning("over capacity (MAX_CALLS=%d): the caller hears the busy message",
-                     MAX_CALLS)
-    return hook.answer(200, say_twiml(fill(agent["busy_message"], facts) or ""), "text/xml")
+    hook.log.warning("over capacity (MAX_CALLS=%d): the caller %s", MAX_CALLS,
+                     "is put through to the fallback" if document else "hears the busy message")
+    busy = say_twiml(fill(agent["busy_message"], facts) or "")
+    return hook.answer(200, document or busy, "text/xml")
 
 
 def stream_action(base: str, facts: dict) -> str:
@@ -2427,11 +2430,8 @@ def stream_ended(hook: Webhook) -> Response:
     rejoined = int(before) + 1 if re.fullmatch(r"[0-9]", before) else MAX_REJOINS + 1
     if rejoined > MAX_REJOINS:
         hook.log.error("the call's stream was lost %s: ending the call", plural(rejoined, "time"))
-        facts, _ = call_facts({**hook.query, **hook.form}, hook.query)
-        agent, base = agent_for(numbers(facts)[0]), public_base_url(hook.request)
-        document = (fallback_twiml(agent, facts, base) if agent["fallback"] and base
-                    else say_twiml(APOLOGY))
-        return hook.answer(200, document, "text/xml")
+        _, _, document = fallback_for(hook)
+        return hook.answer(200, document or say_twiml(APOLOGY), "text/xml")
     hook.log.warning("the call's stream was lost while the call was up (its process stopped?): "
                      "rejoining it (%d of %d)", rejoined, MAX_REJOINS)
     query = {"rejoined": str(rejoined)}  # first, so that MAX_VARIABLES never drops it
