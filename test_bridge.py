@@ -1261,7 +1261,7 @@ class Agents(BridgeTest):
                 "AGENTS['+15552223333']: tools names 'fly', which is not in TOOLS",
             '"+15552223333": {"prompt": "Hi"}':
                 "AGENTS['+15552223333']: unknown key 'prompt' (known keys: system_prompt, "
-                "greeting, outbound_greeting, voicemail, voice, tools, keyterms, transfers, "
+                "greeting, outbound_greeting, voice, tools, keyterms, voicemail, transfers, "
                 "turn_detection, transcription_mode, language_codes, protect_greeting, "
                 "time_warning_seconds, fallback, fallback_message, busy_message, "
                 "rejoin_greeting)",
@@ -2295,7 +2295,7 @@ class Reports(BridgeTest):
 
     async def test_a_5xx_is_tried_again_a_4xx_is_not_and_metrics_count_both(self):
         """500 then 200: delivered on the second try, with the same key; 400: lost at once."""
-        before = dict(bridge.counts)
+        before = dict(bridge.totals)
         for answers, attempts, delivered in (((500, 429, 200), 3, 1), ((400, 200), 1, 0)):
             with self.subTest(answers=answers):
                 receiver = await self.receiver(*answers)
@@ -2875,7 +2875,7 @@ class LostCalls(BridgeTest):
         does not), a call gets TwiML at once: no agent session, one log line, counted; a rejoin
         is never turned away."""
         self.settings(MAX_CALLS=1)
-        before = bridge.counts['bridge_calls_total{outcome="over_capacity"}']
+        before = bridge.totals['bridge_calls_total{outcome="over_capacity"}']
         bridge.expect_stream("CA" + "7" * 32, 85)  # a transfer ringing: not a call served here
         _, document = await self.callback("/twiml", self.FORM)  # the one call there is room for
         self.assertIsNotNone(ElementTree.fromstring(document).find("Connect/Stream"))
@@ -3127,7 +3127,7 @@ class Signatures(BridgeTest):
     async def test_without_a_token_the_start_up_log_says_requests_are_not_checked(self):
         """No TWILIO_AUTH_TOKEN: one start-up line says requests are unchecked, and the fix."""
         self.settings(TWILIO_AUTH_TOKEN="")
-        bridge.log_what_is_off()
+        bridge.signatures_note()
         await self.log.wait_for("TWILIO_AUTH_TOKEN is not set: requests are not checked for "
                                 "Twilio's signature, .* set TWILIO_AUTH_TOKEN to turn the check on")
 
@@ -3175,18 +3175,20 @@ class HTTPLimits(BridgeTest):
             "Content-Type": "application/x-www-form-urlencoded"})
         self.assertEqual(status, 413)
 
-    async def test_webhook_that_never_finishes_gets_408(self):
-        """A request whose body stops arriving gets 408 after HANDSHAKE_TIMEOUT."""
-        self.settings(HANDSHAKE_TIMEOUT=0.2)
+    async def test_webhook_that_never_finishes_is_dropped_after_open_timeout(self):
+        """A request whose body stops arriving is dropped once OPEN_TIMEOUT has passed."""
+        self.settings(OPEN_TIMEOUT=0.2)
         server = await bridge.serve_bridge("127.0.0.1", 0)
         self.addAsyncCleanup(server.wait_closed)
         self.addCleanup(server.close)
         reader, writer = await asyncio.open_connection(
             "127.0.0.1", server.sockets[0].getsockname()[1])
         writer.write(b"POST /twiml HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nCallSid=")
-        response = await asyncio.wait_for(reader.read(), TIMEOUT)
+        began = asyncio.get_running_loop().time()
+        with contextlib.suppress(ConnectionResetError):
+            self.assertEqual(await asyncio.wait_for(reader.read(), TIMEOUT), b"")
+        self.assertGreaterEqual(asyncio.get_running_loop().time() - began, 0.15)
         writer.close()
-        self.assertTrue(response.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), response)
 
     async def test_huge_request_head_gets_431(self):
         """A request head over MAX_REQUEST_HEAD, 129 headers, or a line over 8 KiB: 431."""
@@ -3384,10 +3386,6 @@ class HostileInput(BridgeTest):
 class Metrics(BridgeTest):
     """GET /metrics and /health: what an operator needs, and nothing secret."""
 
-    async def asyncSetUp(self):
-        await super().asyncSetUp()
-        self.settings(METRICS_EVERY=0)  # written afresh for every scrape, but in the test below
-
     async def metrics(self) -> dict[str, float]:
         status, kind, body = await self.http("GET", "/metrics")
         self.assertEqual((status, kind), (200, "text/plain; version=0.0.4"))
@@ -3422,23 +3420,13 @@ class Metrics(BridgeTest):
         self.assertEqual(after['bridge_response_seconds_bucket{le="+Inf"}'], 1)
         self.assertAlmostEqual(after["bridge_response_seconds_sum"], waited / 1000, delta=0.002)
 
-    async def test_a_scrape_flood_is_answered_from_one_rendering_a_tenth_of_a_second(self):
-        """200 scrapes as fast as they come: the text is written at most every 100 ms."""
-        self.settings(METRICS_EVERY=0.1, rendered=(-1.0, ""))
-        renderings = []
-
-        def counted():
-            renderings.append(asyncio.get_running_loop().time())
-            return "bridge_calls_active 0\n"
-
-        self.settings(metrics_text=counted)
-        began = asyncio.get_running_loop().time()
-        for _ in range(200):
-            status, _, body = await self.http("GET", "/metrics")
-            self.assertEqual((status, body), (200, "bridge_calls_active 0\n"))
-        seconds = asyncio.get_running_loop().time() - began
-        self.assertLessEqual(len(renderings), seconds / 0.1 + 1)
-        self.assertTrue(all(b - a >= 0.1 for a, b in zip(renderings, renderings[1:])))
+    async def test_a_scrape_flood_is_answered_while_calls_go_on(self):
+        """200 scrapes at once: each one is answered, and a live call's audio still flows."""
+        twilio, agent = await self.start_call()
+        scrapes = asyncio.gather(*(self.http("GET", "/metrics") for _ in range(200)))
+        for n in range(5):
+            await self.round_trip(twilio, agent, tag=f"during{n}")
+        self.assertEqual({status for status, _, _ in await scrapes}, {200})
 
     async def test_tool_calls_and_failures_are_counted(self):
         """Each tool call, and each that raised, is counted when the call ends."""
@@ -3600,16 +3588,20 @@ class StartUp(BridgeTest):
 
     async def test_start_up_log_says_what_is_off_and_why(self):
         """Without credentials, or without TRANSFER_NUMBER, the start-up log says what is off."""
-        bridge.log_what_is_off()
+        notes = [bridge.credentials_note, bridge.transfers_note]  # each chapter says its own
+        for note in notes:
+            note()
         await self.log.wait_for("TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN are not set: if the "
                                 "Voice Agent API fails, callers are hung up without a spoken "
-                                "apology or a fallback person, the agent cannot transfer "
-                                "calls, and a call whose process dies is lost")
+                                "apology, the agent cannot transfer calls or hand them to a "
+                                "fallback person, and a call whose process dies is lost")
         self.settings(TWILIO_AUTH_TOKEN="secret")  # the README's first step sets only this
-        bridge.log_what_is_off()
+        for note in notes:
+            note()
         await self.log.wait_for("^TWILIO_ACCOUNT_SID is not set: if the Voice Agent API fails")
         self.settings(TWILIO_ACCOUNT_SID="AC1")
-        bridge.log_what_is_off()
+        for note in notes:
+            note()
         await self.log.wait_for("TRANSFER_NUMBER is not set: the agent cannot transfer calls")
 
 
