@@ -31,7 +31,6 @@ import os
 import random
 import re
 import signal
-import socket
 import sys
 import time
 import urllib.error

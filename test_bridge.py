@@ -313,14 +313,16 @@ class BridgeProcess:
     """bridge.py run as a real process on a free port; its log lines are read as they come."""
 
     @classmethod
-    async def start(cls, files: tuple[int, int] | None = None, **env):
-        """Start bridge.py; with `files`, under that soft and hard limit of open files."""
+    async def start(cls, files: tuple[int, int] | None = None,
+                    script: str = os.path.join(HERE, "bridge.py"), **env):
+        """Start bridge.py (or a copy of part of it); with `files`, under that soft and hard
+        limit of open files."""
         self = cls()
         with socket.socket() as probe:  # a port that is free now, for the bridge to take
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, os.path.join(HERE, "bridge.py"), cwd=HERE,
+            sys.executable, script, cwd=os.path.dirname(script),
             env={**os.environ, "PORT": str(self.port), "LOG_LEVEL": "INFO",
                  "TWILIO_AUTH_TOKEN": "",
                  "TWILIO_ACCOUNT_SID": "", "TRANSFER_NUMBER": "", "PUBLIC_URL": "",
@@ -1065,6 +1067,107 @@ class HangUps(BridgeTest):
         twilio, agent = await self.start_call()
         await self.goodbye(twilio, agent)
         await self.hangs_up_after_the_mark(twilio, agent)
+
+
+def cut(source: str, end: int) -> str:
+    """bridge.py's first `end` lines, and the closing lines that run it."""
+    lines = source.splitlines(keepends=True)
+    closing = source[source.rindex('\n\nif __name__ == "__main__":'):]
+    return "".join(lines[:end]).rstrip() + "\n" + closing
+
+
+class Layers(unittest.IsolatedAsyncioTestCase):
+    """Part 1 runs alone, and so does every prefix of bridge.py that ends at a chapter."""
+
+    def setUp(self):
+        with open(os.path.join(HERE, "bridge.py")) as source:
+            self.source = source.read()
+        self.folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.folder)
+
+    def boundaries(self) -> dict[str, int]:
+        """Where each part and chapter after Part 1 begins: its name -> the lines before it."""
+        return {line.strip("#-= "): number for number, line in
+                enumerate(self.source.splitlines()) if re.match(r"# (-{10,}|={10,})", line)
+                and number >= self.source[:self.source.index("Part 2: the phone")].count("\n")}
+
+    async def serving(self, name: str, end: int, **env) -> BridgeProcess:
+        """A process running the first `end` lines of bridge.py, and the closing lines."""
+        script = os.path.join(self.folder, name.replace(" ", "_").replace(",", "") + ".py")
+        with open(script, "w") as copy:
+            copy.write(cut(self.source, end))
+        agent = await FakeAgent().start()
+        self.addAsyncCleanup(agent.stop)
+        process = await BridgeProcess.start(script=script, VOICE_AGENT_URL=agent.url, **env)
+        self.addAsyncCleanup(process.close)
+        process.agent = agent
+        return process
+
+    async def test_part_1_alone_answers_calls_both_ways(self):
+        """Cut at Part 2: an inbound call greets, runs a tool, says goodbye and hangs up; the
+        call command places an outbound call through the REST API."""
+        part_2 = self.boundaries()["Part 2: the phone network"]
+        self.assertEqual(self.source.splitlines()[part_2 - 1].strip(), "")
+        self.assertNotIn("Part 2: the phone network", cut(self.source, part_2))
+        process = await self.serving("part_1", part_2)
+        await self.carry(process)
+        rest = await FakeHTTP({OutboundCommand.CALLS: (201, {"sid": "CA" + "f" * 32})}).start()
+        self.addAsyncCleanup(rest.stop)
+        placing = await asyncio.create_subprocess_exec(
+            sys.executable, os.path.join(self.folder, "part_1.py"), "call", "+15551234567",
+            cwd=self.folder, stdout=subprocess.PIPE, env={
+                **os.environ, "TWILIO_API_URL": rest.url, "TWILIO_ACCOUNT_SID": "AC" + "0" * 32,
+                "TWILIO_AUTH_TOKEN": "secret", "TWILIO_PHONE_NUMBER": "+15550009999",
+                "PUBLIC_URL": "https://abc.ngrok.app"})
+        out, _ = await asyncio.wait_for(placing.communicate(), 4 * TIMEOUT)
+        self.assertEqual((placing.returncode, out), (0, b"CA" + b"f" * 32 + b"\n"))
+        self.assertEqual(rest.requests[0]["form"]["Url"], ["https://abc.ngrok.app/outbound-twiml"])
+        await self.carry(process, "/outbound-twiml", "Hi, this is your AI assistant calling. Do "
+                                                    "you have a minute?")
+
+    async def test_every_prefix_that_ends_at_a_chapter_answers_a_call(self):
+        """Cut after any chapter of Part 2 or 3: the bridge still greets, runs a tool, says
+        goodbye and hangs up."""
+        ends = {name: end for name, end in self.boundaries().items()
+                if name != "Part 2: the phone network"} | {"whole": len(self.source.splitlines())}
+        self.assertGreater(len(ends), 20)
+        processes = await asyncio.gather(*(self.serving(name, end) for name, end in ends.items()))
+        await asyncio.gather(*(self.carry(process) for process in processes))
+
+    async def carry(self, process: BridgeProcess, webhook: str = "/twiml",
+                    greeting: str = "Hi, thanks for calling! How can I help you today?"):
+        """One call through a bridge process: its TwiML, its greeting, a tool, the goodbye."""
+        sid = "CA" + "7" * 32 if webhook == "/twiml" else "CA" + "8" * 32
+        status, _, document = await asyncio.to_thread(
+            http_request, process.port, "POST", webhook, form={"CallSid": sid, "From": "+1555"},
+            headers={"Host": "abc.ngrok.app"})
+        self.assertEqual(status, 200)
+        url = urllib.parse.urlsplit(ElementTree.fromstring(document).find("Connect/Stream")
+                                    .get("url"))
+        twilio = await TwilioStream.open(process.port, url.path, sid,
+                                         parameters=dict(stream_parameters(document)))
+        agent = await process.agent.next_session()
+        update, = await agent.wait_for(lambda a: a.of("type", "session.update"))
+        self.assertEqual(update["session"]["greeting"], greeting)
+        await agent.send({"type": "session.ready", "session_id": "sess_" + sid})
+        await agent.speak("reply_greeting", [audio("hello", 0, 300)])
+        await twilio.wait_for(lambda t: audio("hello", 0, 300) in t.played())
+        for name, arguments in (("generate_random_number", {"min": 3, "max": 3}), ("end_call", {})):
+            await agent.send({"type": "reply.started", "reply_id": "reply_" + name})
+            await agent.send({"type": "tool.call", "call_id": name, "name": name,
+                              "arguments": arguments})
+            await agent.send({"type": "reply.done", "reply_id": "reply_" + name})
+            result = await agent.wait_for(lambda a: [m for m in a.of("type", "tool.result")
+                                                     if m["call_id"] == name])
+            self.assertEqual((result[0]["result"], result[0]["is_error"]),
+                             ("3" if arguments else json.dumps(
+                                 "The call ends after your next sentence: say a short goodbye "
+                                 "now."), False))
+        await agent.speak("reply_bye", [audio("bye", 0, 300)])
+        await twilio.echo(await twilio.next_mark())
+        self.assertEqual(await twilio.closed(), 1000)
+        await agent.wait_for(lambda a: a.of("type", "session.end"))
+        await process.wait_for(rf"\[{sid}\] call ended after [\d.]+ s \(the agent hung up\)")
 
 
 # ==================================================== Part 2: the phone network
