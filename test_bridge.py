@@ -433,7 +433,8 @@ class BridgeTest(unittest.IsolatedAsyncioTestCase):
                       TWILIO_AUTH_TOKEN="", TWILIO_API_URL="http://127.0.0.1:9",
                       MAX_CALL_SECONDS=3600, SILENCE_SECONDS=0)
         self.agents(voice="")  # whatever AGENT_VOICE a developer's .env sets
-        for state in (bridge.logged, bridge.unstarted):  # once a minute; streams still due
+        # Once a minute; streams still due; calls moved on: each test starts with none.
+        for state in (bridge.logged, bridge.unstarted, bridge.moved, bridge.declined):
             patcher = mock.patch.dict(state, clear=True)
             patcher.start()
             self.addCleanup(patcher.stop)
