@@ -264,10 +264,11 @@ class FakeHTTP:
     """A local HTTP server with canned JSON answers, standing in for Twilio's REST API, ngrok,
     and a receiver of call reports."""
 
-    def __init__(self, answers: dict[str, tuple[int, dict] | list], delay: float = 0):
-        self.answers = answers  # path -> (status, JSON body), or a list of them, one a request
+    def __init__(self, answers: dict[str, tuple[int, dict] | bytes | list], delay: float = 0):
+        self.answers = answers  # path -> (status, JSON body) or raw bytes, or a list of them
         self.delay = delay  # seconds each answer takes, as a slow API's would
         self.requests: list[dict] = []
+        self.open = self.most = 0  # requests being answered now, and the most at once
         self.arrivals: asyncio.Queue[dict] = asyncio.Queue()
         self.stopping = asyncio.Event()  # answers still delayed are dropped
 
@@ -277,6 +278,14 @@ class FakeHTTP:
         return self
 
     async def handle(self, reader, writer):
+        self.open += 1
+        self.most = max(self.most, self.open)
+        try:
+            await self.answer(reader, writer)
+        finally:
+            self.open -= 1
+
+    async def answer(self, reader, writer):
         head = (await reader.readuntil(b"\r\n\r\n")).decode()
         method, path, _ = head.split("\r\n")[0].split(" ", 2)
         headers = dict(line.split(": ", 1) for line in head.split("\r\n")[1:] if ": " in line)
@@ -293,6 +302,9 @@ class FakeHTTP:
         answers = self.answers.get(path, (404, {"status": 404, "message": "not found"}))
         if isinstance(answers, list):  # the next answer; the last one repeats
             answers = answers.pop(0) if len(answers) > 1 else answers[0]
+        if isinstance(answers, bytes):  # as written: cut short, or not HTTP at all
+            writer.write(answers)
+            return writer.close()
         status, answer = answers
         data = json.dumps(answer).encode()
         writer.write(f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
@@ -1171,6 +1183,23 @@ class Layers(unittest.IsolatedAsyncioTestCase):
         await process.wait_for(rf"\[{sid}\] call ended after [\d.]+ s \(the agent hung up\)")
 
 
+class Endings(BridgeTest):
+    """However a call ends, every chapter's ending runs."""
+
+    async def test_an_ending_that_fails_is_logged_and_the_others_still_run(self):
+        """A chapter's ending raises: one line says so, and the call is still counted ended."""
+        def broken(call):
+            raise RuntimeError("a chapter's own bug")
+        patcher = mock.patch.dict(bridge.HOOKS, {"end": [broken, *bridge.HOOKS["end"]]})
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        twilio, agent = await self.start_call()
+        await twilio.stop()
+        await self.log.wait_for(r"ending the call failed in broken")
+        _, _, text = await self.http("GET", "/metrics")
+        self.assertIn("\nbridge_calls_active 0\n", text)
+
+
 # ==================================================== Part 2: the phone network
 # One class a chapter, in bridge.py's order.
 
@@ -1598,6 +1627,18 @@ class Silence(BridgeTest):
                          ["tool.result", "reply.create"])
 
 
+    async def test_a_tool_call_without_an_id_is_malformed_and_silence_still_counts(self):
+        """A tool.call with no call_id is counted malformed; it holds no silence count."""
+        twilio, agent = await self.start_call(call_sid="CA" + "d" * 32)
+        await agent.send({"type": "tool.call", "name": "generate_random_number",
+                          "arguments": {"min": 1, "max": 2}})
+        await self.played_to_the_end(twilio, 1)
+        self.assertEqual(await self.next_steer(agent, 1), self.NUDGE)
+        self.assertEqual(agent.of("type", "tool.result"), [])
+        await twilio.stop()
+        await self.log.wait_for(r"^\[CAd{32}\] call ended .*; tool calls 0; .*malformed messages 1;")
+
+
 class Tuning(BridgeTest):
     """Each agent tunes its turn-taking and language, may protect its greeting, and is warned
     before its time runs out."""
@@ -1744,6 +1785,8 @@ class OutboundCommand(unittest.IsolatedAsyncioTestCase):
                                                  "letters, digits and _, starting with a letter",
             ("+15551234567", "note=" + "x" * 496): "note is too long: a name and its value must "
                                                    "stay under 500 bytes",
+            ("+15551234567", *(f"v{n:02d}=" + "x" * 40 for n in range(20))):
+                "the variables take 899 characters URL-encoded: a call takes at most 800 in all",
             ("5551234567", "name=Ada"): "'5551234567' is not a phone number in E.164 form "
                                         "(+15551234567) or a sip: address",
             ("+1\u0665\u0665\u0665\u0661\u0662\u0663\u0664",):
@@ -2110,6 +2153,81 @@ class Transfers(BridgeTest):
         await self.log.wait_for(rf"\[{lost}\] the caller could not be moved back: connecting "
                                 "them after all")
 
+    async def test_a_decline_then_the_dials_own_action_leaves_the_caller_on_the_way_back(self):
+        """After a decline has moved the caller back, the <Dial>'s own action (Twilio asks it
+        when a call is moved) changes nothing: a drain still waits for the caller's stream."""
+        await self.with_destinations()
+        answer = "/whisper-answer?summary=Ada&accept=1&transfer_to=billing"
+        await self.callback(answer, {"CallSid": "CA" + "8" * 32, "ParentCallSid": self.SID})
+        await self.rest.next_request()
+        self.assertIn(self.SID, bridge.unstarted)
+        self.assertEqual(await self.callback("/transfer-done?transfer_to=billing", {
+            **self.CALLER, "DialCallStatus": "completed"}),
+            (200, '<?xml version="1.0" encoding="UTF-8"?>\n<Response></Response>'))
+        self.assertIn(self.SID, bridge.unstarted)
+
+    async def test_a_garbled_answer_from_twilio_connects_the_caller_after_all(self):
+        """Twilio's answer to moving a declined caller back is not HTTP: the caller is
+        connected to the person after all, and nothing is a server error."""
+        await self.with_destinations()
+        self.rest.answers[f"/2010-04-01/Accounts/AC{'0' * 32}/Calls/{self.SID}.json"] = b"?\r\n"
+        answer = "/whisper-answer?summary=Ada&accept=1&transfer_to=billing"
+        self.assertEqual(await self.callback(answer, {"CallSid": "CA" + "8" * 32,
+                                                      "ParentCallSid": self.SID}),
+                         (200, '<?xml version="1.0" encoding="UTF-8"?>\n<Response></Response>'))
+        await self.log.wait_for("cannot reach Twilio at .*BadStatusLine")
+        self.assertFalse([line for line in self.log.lines if "Traceback" in line])
+
+    async def test_without_credentials_a_decline_sends_no_rest_request(self):
+        """No Twilio credentials: a decline cannot move the caller back, so they are
+        connected, one line says why, and no request goes out with an empty password."""
+        await self.with_destinations()
+        self.settings(TWILIO_AUTH_TOKEN="")
+        answer = "/whisper-answer?summary=Ada&accept=1&transfer_to=billing"
+        self.assertEqual(await self.callback(answer, {"CallSid": "CA" + "8" * 32, "Digits": "2",
+                                                      "ParentCallSid": self.SID}),
+                         (200, '<?xml version="1.0" encoding="UTF-8"?>\n<Response></Response>'))
+        await self.log.wait_for("the caller could not be moved back without TWILIO_AUTH_TOKEN")
+        self.assertEqual(self.rest.requests, [])
+
+    async def test_a_person_who_hangs_up_in_the_whisper_sends_the_caller_back(self):
+        """DialCallStatus completed with DialBridged false: the person hung up before taking
+        the call, and the agent is told so; without DialBridged, completed hangs up."""
+        await self.with_destinations()
+        done = "/transfer-done?transfer_to=billing&name=Ada"
+        status, document = await self.callback(done, {**self.CALLER,
+                                                      "DialCallStatus": "completed",
+                                                      "DialBridged": "false"})
+        self.assertEqual(ElementTree.fromstring(document).find("Connect/Stream").get("url"),
+                         "wss://abc.ngrok.app/return-stream")
+        self.assertIn(("DialCallStatus", "hung up before taking the call"),
+                      stream_parameters(document))
+        self.assertEqual(await self.callback(done, {**self.CALLER, "DialCallStatus": "completed",
+                                                    "DialBridged": "true"}), (200, HANGUP_TWIML))
+        self.assertEqual(await self.callback(done, {**self.CALLER, "DialCallStatus": "completed"}),
+                         (200, HANGUP_TWIML))
+
+    async def test_a_long_summary_is_cut_to_fit_and_the_transfer_goes_through(self):
+        """500 Chinese characters, or 10 KB: the transfer's TwiML stays within Twilio's 4,000
+        characters, its whisper URL is answered, and the person hears the summary's start."""
+        for summary in ("中" * 500, "x" * 10_000):
+            with self.subTest(size=len(summary)):
+                twilio, agent, result = await self.transfer({"destination": "billing",
+                                                             "summary": summary})
+                self.assertFalse(result["is_error"])
+                await agent.speak("reply_handoff", [audio("handoff", 0, 300)])
+                await twilio.echo(await twilio.next_mark())
+                document = (await self.rest.next_request())["form"]["Twiml"][0]
+                self.assertLessEqual(len(document), 4000)
+                url = ElementTree.fromstring(document).find("Dial/Sip").get("url")
+                status, said = await self.callback(url.removeprefix("https://abc.ngrok.app"),
+                                                   {"CallSid": "CA" + "8" * 32})
+                self.assertEqual(status, 200)
+                heard = ElementTree.fromstring(said).find("Gather/Say").text
+                self.assertEqual(heard, summary[:len(heard)])  # as much of it as fits:
+                self.assertTrue(len(heard) == 1000 or len(document) > 3950)  # all, or 4,000
+                self.assertEqual(await twilio.closed(), 1000)
+
     async def test_the_whisper_asks_for_1_unless_the_destination_rings_straight_through(self):
         """A plain destination's whisper is a <Gather> of one key for ACCEPT_SECONDS, then a
         <Redirect> that declines; {"to": ..., "accept": False} is the summary alone."""
@@ -2292,6 +2410,31 @@ class Texts(BridgeTest):
         _, again = await self.start_call(call_sid="CA" + "2" * 32)
         tools = again.of("type", "session.update")[0]["session"]["tools"]
         self.assertNotIn("send_text", [tool["name"] for tool in tools])
+
+
+    async def test_texts_asked_for_at_once_keep_the_bound_and_hold_no_thread_others_need(self):
+        """100 send_text calls in one reply, Twilio taking 1 s a text: 3 texts reach Twilio, the
+        rest are refused at once, and another call's apology meanwhile reaches Twilio at once."""
+        rest = await self.twilio_api(**{"CA" + "2" * 32: 200})
+        rest.answers[self.MESSAGES] = (201, {"sid": "SM" + "1" * 32})
+        twilio, agent = await self.start_call(parameters={"From": "+15550001111"})
+        rest.delay = 1
+        await agent.send({"type": "reply.started", "reply_id": "reply_texts"})
+        for n in range(100):
+            await agent.send({"type": "tool.call", "call_id": f"t{n}", "name": "send_text",
+                              "arguments": {"message": f"text {n}"}})
+        await agent.send({"type": "reply.done", "reply_id": "reply_texts"})
+        refused = await agent.wait_for(lambda a: len(a.of("type", "tool.result")) == 97
+                                       and a.of("type", "tool.result"))
+        self.assertTrue(all("3 texts have been sent" in result["result"] for result in refused))
+        await TwilioStream.open(self.port, call_sid="CA" + "2" * 32)
+        await (await self.agent.next_session()).ws.close(1008, "unauthorized")
+        failed = asyncio.get_running_loop().time()
+        while "/Calls/CA" not in (request := await rest.next_request())["path"]:
+            pass
+        self.assertLess(request["time"] - failed, 0.5)
+        await agent.wait_for(lambda a: len(a.of("type", "tool.result")) == 100)
+        self.assertEqual(len([r for r in rest.requests if r["path"] == self.MESSAGES]), 3)
 
 
 class Recording(BridgeTest):
@@ -2556,6 +2699,93 @@ class Reports(BridgeTest):
         await self.sent()
 
 
+    async def test_an_interim_answer_a_cut_off_one_and_one_not_in_http_are_each_read_right(self):
+        """100 Continue, then 200: delivered at once. A status line cut short, an answer that
+        is not HTTP, a close with no answer: each tried again, and lost in words."""
+        cases = ((b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+                  1, None),
+                 (b"HTTP/1.1 2", 4, "the receiver closed the connection before it answered"),
+                 (b"SMTP ready\r\n", 4, "the receiver did not answer in HTTP: b'SMTP ready\\r\\n'"),
+                 (b"", 4, "the receiver closed the connection before it answered"))
+        for n, (answer, attempts, lost) in enumerate(cases):
+            with self.subTest(answer=answer):
+                receiver = await self.receiver()
+                receiver.answers["/reports"] = answer
+                sid = f"CA{n:032d}"
+                twilio, _ = await self.start_call(call_sid=sid)
+                await twilio.stop()
+                await twilio.closed()
+                await self.sent()
+                self.assertEqual(len(receiver.requests), attempts)
+                if lost:
+                    await self.log.wait_for(rf"^\[{sid}\] report {sid}:call.ended lost after 4 "
+                                            rf"attempts: {re.escape(lost)}$")
+        self.assertFalse([line for line in self.log.lines if "IndexError" in line])
+
+    async def test_a_slow_lookup_of_the_report_host_holds_up_no_call(self):
+        """Looking up the receiver's host hangs: the reports of ten calls ending wait on
+        threads of their own, and a live call's plain tool still answers at once."""
+        receiver = await self.receiver(200)
+        release = threading.Event()  # the lookups of localhost hang until the test is over
+        self.addCleanup(release.set)
+        lookup = socket.getaddrinfo
+        def slow_lookup(host, *args, **kwargs):
+            if host == "localhost":
+                release.wait(TIMEOUT)
+            return lookup(host, *args, **kwargs)
+        patcher = mock.patch("socket.getaddrinfo", slow_lookup)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        self.settings(REPORT_URL=receiver.url.replace("127.0.0.1", "localhost") + "/reports",
+                      REPORT_TIMEOUT=0.2)
+        self.tool("whats_the_time", lambda: "noon")  # plain: it runs in a thread
+        twilio, agent = await self.start_call(call_sid="CA" + "e" * 32)
+        for n in range(10):
+            ending, _ = await self.start_call(call_sid=f"CA{n:032d}")
+            await ending.stop()
+            await ending.closed()
+        asked = asyncio.get_running_loop().time()
+        result = await self.agree_to(agent, "whats_the_time")
+        self.assertEqual(json.loads(result["result"]), "noon")
+        self.assertLess(asyncio.get_running_loop().time() - asked, 0.5)
+
+    async def test_reports_in_flight_are_bounded_and_every_one_arrives(self):
+        """Five calls end while the receiver takes 0.3 s a report: at most REPORTS_IN_FLIGHT
+        (here 2) are sent at once, and all five arrive."""
+        receiver = await self.receiver(200, delay=0.3)
+        self.settings(sending=asyncio.Semaphore(2))
+        for n in range(5):
+            twilio, _ = await self.start_call(call_sid=f"CA{n:032d}")
+            await twilio.stop()
+            await twilio.closed()
+        await self.sent()
+        self.assertEqual((len(receiver.requests), receiver.most), (5, 2))
+
+    async def test_masking_a_long_word_is_quick(self):
+        """REDACT on a 20,000-character argument takes a moment, not seconds: another call's
+        audio still comes back at once."""
+        self.settings(REDACT=True)
+        self.tool("note_it", lambda note: "noted")
+        twilio, agent = await self.start_call(call_sid="CA" + "e" * 32)
+        other, other_agent = await self.start_call()
+        await agent.send({"type": "tool.call", "call_id": "c1", "name": "note_it",
+                          "arguments": {"note": "x" * 20_000}})
+        began = asyncio.get_running_loop().time()
+        await self.round_trip(other, other_agent)
+        await self.log.wait_for(r"tool note_it\(")
+        self.assertLess(asyncio.get_running_loop().time() - began, 0.3)
+
+    def test_redact_masks_numbers_as_numbers_keys_and_call_variables(self):
+        """A card number as a JSON number, as a key, or in a call variable is masked too."""
+        with mock.patch.object(bridge, "REDACT", True):
+            self.assertEqual(bridge.masked({"card": 4111111111111111.0, "4111111111111111": 1,
+                                            "amount": 12.5}),
+                             {"card": "[card]", "[card]": 1, "amount": 12.5})
+            call = bridge.Call(CALL_SID, "MZ" + CALL_SID[2:], None, bridge.STREAMS["/stream"],
+                               facts={"From": "+15550001111", "card": "4111 1111 1111 1111"})
+            self.assertEqual(bridge.call_report(call)["variables"], {"card": "[card]"})
+
+
 class CallsAPI(BridgeTest):
     """POST /calls places a call for an application, behind a bearer token."""
 
@@ -2628,6 +2858,32 @@ class CallsAPI(BridgeTest):
             with self.subTest(request=request):
                 self.assertEqual(await self.post(**request), (400, {"error": reason}))
         self.assertEqual(self.rest.requests, [])
+
+    async def test_variables_too_large_in_total_get_a_400_and_the_most_accepted_fit(self):
+        """20 variables of 100 bytes: 400, saying the limit. The most it takes, in the & that
+        XML and URLs grow most, still makes a webhook URL the bridge answers, and a
+        voicemail's TwiML within Twilio's 4,000 characters."""
+        twenty = {f"v{n:02d}": "x" * 97 for n in range(20)}
+        status, answer = await self.post(data={"to": "+15550001111", **twenty})
+        self.assertEqual(status, 400)
+        self.assertIn("a call takes at most 800 in all", answer["error"])
+        most = {"amp": "&" * ((800 - len("amp=")) // 3)}
+        self.assertEqual((await self.post(data={"to": "+15550001111", **most}))[0], 201)
+        placed = self.rest.requests[-1]["form"]
+        sid = "CA" + "f" * 32
+        self.rest.answers[f"/2010-04-01/Accounts/AC{'0' * 32}/Calls/{sid}.json"] = (200, {})
+        form = {"CallSid": sid, "From": "+15552223333", "To": "+15550001111",
+                "Direction": "outbound-api"}
+        status, document = await self.callback(
+            placed["Url"][0].removeprefix("https://abc.ngrok.app"), form)
+        self.assertEqual(stream_parameters(document)[-1], ("amp", most["amp"]))
+        await self.callback(placed["AsyncAmdStatusCallback"][0].removeprefix(
+            "https://abc.ngrok.app"), {"CallSid": sid, "AnsweredBy": "machine_end_beep"})
+        while "Twiml" not in (moving := await self.rest.next_request())["form"]:
+            pass  # the calls placed above
+        voicemail = moving["form"]["Twiml"][0]
+        self.assertLessEqual(len(voicemail), 4000)
+        self.assertEqual(stream_parameters(voicemail)[-1], ("amp", most["amp"]))
 
     async def raw(self, head: str, body: bytes = b"") -> tuple[str, str]:
         """Send a request exactly as written; return the answer's status line and the rest."""
@@ -3116,6 +3372,66 @@ class LostCalls(BridgeTest):
         self.assertEqual(rest.requests, [])
 
 
+    async def test_a_cut_off_answer_from_twilio_still_ends_the_call_and_frees_its_place(self):
+        """Twilio's answer to ending the call is cut short: one line says so, and the call is
+        ended all the same: counted, its place free for the next call, its report sent."""
+        receiver = await FakeHTTP({"/reports": (200, {})}).start()
+        self.addAsyncCleanup(receiver.stop)
+        rest = await self.twilio_api()
+        rest.answers[f"/2010-04-01/Accounts/AC{'0' * 32}/Calls/{CALL_SID}.json"] = (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"sid\"")
+        self.settings(MAX_CALLS=1, REPORT_URL=receiver.url + "/reports", REPORT_SECRET="s")
+        twilio, agent = await self.start_call()
+        await self.agree_to(agent, "end_call")
+        await agent.speak("reply_bye", [audio("bye", 0, 300)])
+        await twilio.echo(await twilio.next_mark())
+        self.assertEqual(await twilio.closed(), 1000)
+        await self.log.wait_for(r"cannot reach Twilio at http://127\.0\.0\.1:\d+: IncompleteRead")
+        self.assertEqual(json.loads((await receiver.next_request())["body"])["ending"],
+                         "agent_hung_up")
+        _, document = await self.callback("/twiml", {**self.FORM, "CallSid": "CA" + "2" * 32})
+        self.assertIsNotNone(ElementTree.fromstring(document).find("Connect/Stream"))
+
+    async def test_a_call_with_twenty_variables_keeps_them_all_when_it_rejoins(self):
+        """Twenty variables ride with the call, and all twenty rejoin with it, beside rejoined."""
+        await self.twilio_api()
+        variables = {f"v{n}": str(n) for n in range(20)}
+        action = "/stream-ended?" + urllib.parse.urlencode(
+            {"From": "+15550001111", **variables})
+        _, document = await self.callback(action, {**self.FORM, "CallStatus": "in-progress"})
+        self.assertEqual(stream_parameters(document)[-21:],
+                         [("rejoined", "1"), *variables.items()])
+
+    async def test_a_stream_no_webhook_announced_is_refused_when_the_process_is_full(self):
+        """At MAX_CALLS, a stream that arrives with no webhook before it (a replayed
+        signature) is closed with one line, and opens no agent session."""
+        self.settings(MAX_CALLS=1)
+        await self.start_call()
+        stray = await TwilioStream.open(self.port, call_sid="CA" + "2" * 32)
+        self.assertEqual(await stray.closed(), 1000)
+        await self.log.wait_for("refusing a Media Stream: this process is full: MAX_CALLS=1")
+        self.assertEqual(len(self.agent.headers), 1)
+
+    async def test_an_action_for_a_call_this_process_moved_on_is_no_rejoin(self):
+        """The agent transfers the caller: the <Connect> action Twilio may then request is
+        answered without a rejoin, in the log or in a stream a drain would wait for."""
+        await self.twilio_api(**{CALL_SID: 200})
+        self.settings(TRANSFER_NUMBER="+15557654321")
+        twilio, agent = await self.start_call()
+        await self.agree_to(agent, "transfer_call")
+        await agent.speak("reply_handoff", [audio("handoff", 0, 300)])
+        await twilio.echo(await twilio.next_mark())
+        self.assertEqual(await twilio.closed(), 1000)
+        bridge.unstarted.clear()  # the transfer's outcome is awaited: not what this test asks
+        status, document = await self.callback("/stream-ended", {**self.FORM,
+                                                                 "CallStatus": "in-progress"})
+        self.assertEqual((status, document), (200, '<?xml version="1.0" encoding="UTF-8"?>\n'
+                                                   "<Response></Response>"))
+        await self.log.wait_for("the stream ended as the call moved on: nothing to rejoin")
+        self.assertFalse([line for line in self.log.lines if "rejoining" in line])
+        self.assertEqual(bridge.unstarted, {})
+
+
 class Signatures(BridgeTest):
     """With TWILIO_AUTH_TOKEN set, only requests Twilio signed get through."""
 
@@ -3301,6 +3617,25 @@ class HTTPLimits(BridgeTest):
             with self.subTest(size=len(str(headers))):
                 status, _, _ = await self.http("GET", "/twiml", headers=headers)
                 self.assertEqual(status, 431)
+
+    async def test_a_request_pipelined_after_another_is_dropped_and_the_first_answered(self):
+        """POST /twiml and GET /health in one write, or one right after the other: the first
+        gets its TwiML, the second nothing, and the log no traceback."""
+        body = b"CallSid=CA" + b"b" * 32
+        first = (b"POST /twiml HTTP/1.1\r\nHost: abc.ngrok.app\r\nContent-Length: %d\r\n\r\n"
+                 % len(body) + body)
+        second = b"GET /health HTTP/1.1\r\nHost: abc.ngrok.app\r\n\r\n"
+        for writes in ([first + second], [first, second]):
+            with self.subTest(writes=len(writes)):
+                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                for data in writes:
+                    writer.write(data)
+                    await writer.drain()
+                answer = await asyncio.wait_for(reader.read(), TIMEOUT)
+                writer.close()
+                self.assertEqual(answer.count(b"HTTP/1.1 "), 1)
+                self.assertIn(b"<Connect><Stream", answer)
+        self.assertFalse([line for line in self.log.lines if "Traceback" in line])
 
     async def raw(self, head: str, body: bytes = b"") -> str:
         """Send a request exactly as written; return the status line of the answer."""
