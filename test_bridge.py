@@ -438,6 +438,9 @@ class BridgeTest(unittest.IsolatedAsyncioTestCase):
     """A bridge on port 0, talking to a fresh fake agent, with settings known to each test."""
 
     async def asyncSetUp(self):
+        # unittest runs each test's loop in debug mode, which records where every coroutine
+        # was made: the suite took 53 s with it, 45 s without, and no test needs it.
+        asyncio.get_running_loop().set_debug(False)
         self.agent = await FakeAgent().start()
         self.addAsyncCleanup(self.agent.stop)
         self.settings(VOICE_AGENT_URL=self.agent.url, ASSEMBLYAI_API_KEY="test-key",
