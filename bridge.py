@@ -196,8 +196,9 @@ def fill(greetings: str | tuple, facts: dict) -> str | None:
 HOOKS: dict[str, list] = {moment: [] for moment in (
     "facts", "answer", "placing", "refuse stream", "start", "session", "opened", "ready",
     "reply started",
-    "first audio", "speech started", "speech stopped", "reply done", "transcript", "tool call",
-    "tool done", "turn", "malformed", "agent lost", "agent failed", "summary", "end",
+    "first audio", "speech started", "speech stopped", "reply done", "transcript",
+    "foreign tool", "tool call", "tool done", "turn", "malformed", "agent lost", "agent failed",
+    "summary", "end",
     "serving", "stopping", "stopped")}
 CALL_STATE: dict = {}  # name -> what makes it: a chapter's own state in each call, call.name
 REFUSALS: list = []  # (hook) -> the Response to a request not served: Part 3
@@ -497,16 +498,19 @@ def session(call: Call) -> dict:
     agent, output = call.persona, {"format": {"encoding": "audio/pcmu"}}
     if agent["voice"]:
         output["voice"] = agent["voice"]
-    tools = offered_tools(agent)
-    guidance = [tool["guidance"] for tool in tools.values() if "guidance" in tool]
+    guidance = [tool["guidance"] for tool in offered_tools(agent).values() if "guidance" in tool]
     session = {"system_prompt": "\n".join([agent["system_prompt"], *guidance, *GUIDANCE]),
-               "input": {"format": {"encoding": "audio/pcmu"}}, "output": output, "tools": [
-                   {"type": "function", "name": name, "description": tool["description"],
-                    "parameters": tool["parameters"](agent) if callable(tool["parameters"])
-                    else tool["parameters"]} for name, tool in tools.items()]}
+               "input": {"format": {"encoding": "audio/pcmu"}}, "output": output,
+               "tools": tool_definitions(agent)}
     if call.greeting:  # a session replacing a lost one does not greet the caller again
         session["greeting"] = call.greeting
     return session
+
+def tool_definitions(agent: dict) -> list[dict]:
+    """The agent's tools, as the Voice Agent API reads them."""
+    return [{"type": "function", "name": name, "description": tool["description"],
+             "parameters": tool["parameters"](agent) if callable(tool["parameters"])
+             else tool["parameters"]} for name, tool in offered_tools(agent).items()]
 
 async def on_session_ready(call: Call, event: dict) -> None:
     resumed = bool(call.session_id) and event.get("session_id") == call.session_id
@@ -697,6 +701,8 @@ def tool_result(call_id: str, result: object, is_error: bool = False) -> str:
 
 async def on_tool_call(call: Call, event: dict) -> None:
     call_id, name = event["call_id"], event.get("name")
+    if name not in TOOLS and True in await hooks("foreign tool", call, name):
+        return  # Part 2: a stored agent's own tool, which AssemblyAI runs
     call.counts["tool calls"] += 1
     await hooks("tool call", call, name)  # Part 2: the caller waits, which is no silence
     start(call, run_tool(call, call_id, name, event.get("arguments") or {}, call.reply_id))
@@ -895,6 +901,8 @@ def place_call(base: str, to: str, variables: dict) -> str:
 
 def call_command(arguments: list[str]) -> None:
     """`python bridge.py call +15551234567`: print the SID of the call placed, or why not."""
+    if len(arguments) != 1:
+        raise SystemExit("usage: python bridge.py call +15551234567")
     try:
         print(place_call(PUBLIC_URL, arguments[0], {}))
     except TwilioError as exc:
@@ -939,7 +947,7 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"LOG_LEVEL={LOG_LEVEL} is not a level: use DEBUG, INFO or WARNING")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("websockets").setLevel(logging.WARNING)  # its INFO lines repeat ours
-    if len(argv) >= 2 and argv[0] in COMMANDS:
+    if argv[:1] and argv[0] in COMMANDS:
         return COMMANDS[argv[0]](argv[1:])
     if argv:
         raise SystemExit(f"usage: python bridge.py [{' | '.join(COMMANDS)} ...] (or --help)")
@@ -1603,7 +1611,8 @@ def voicemail_ready(call: Call) -> None:
 HOOKS["placing"].append(listen_for_machines)
 HOOKS["ready"].append(voicemail_ready)
 WEBHOOKS["/amd"] = machine_detected
-COMMANDS["call"] = lambda arguments: print(call_from_command_line(arguments[0], arguments[1:]))
+COMMANDS["call"] = lambda arguments: print(
+    call_from_command_line(arguments[0] if arguments else "", arguments[1:]))
 CHECKS.append(public_url_problem)
 
 
@@ -2070,6 +2079,76 @@ def json_answer(hook: Webhook, status: int, body: dict) -> Response:
     return hook.answer(status, json.dumps(body) + "\n", "application/json")
 
 WEBHOOKS["/calls"] = calls_api
+
+
+# ----------------------------------------------------------------------------------- stored agents
+# Needs the agents' checks, tuning, and voicemail. An AGENTS entry may name a stored agent, by
+# its "agent_id": its prompt, greeting, voice, tools and turn-taking are kept by AssemblyAI (its
+# dashboard, or its REST API), and the bridge binds it by id, with nothing else. The tools the
+# bridge runs for it are those of its entry that the stored agent lists (python bridge.py
+# tools prints them); the others, AssemblyAI runs itself. What is the bridge's own business
+# (transfers, the fallback, voicemail, keypad, recording, reports) works as for any entry.
+
+# What a stored agent holds itself: an entry that names one sets none of these.
+STORED = ("system_prompt", "greeting", "outbound_greeting", "voice", "tools", "keyterms",
+          "turn_detection", "transcription_mode", "language_codes", "protect_greeting")
+STREAMS["/voicemail-stream"]["inline"] = True  # its greeting is the message: never stored
+
+def stored_agent(call: Call) -> str:
+    """The id of the stored agent the call binds, or "" if it runs its entry inline."""
+    return "" if call.stream.get("inline") else call.persona.get("agent_id", "")
+
+def bind_stored(call: Call, session: dict) -> None:
+    """A stored agent's session says its id, and nothing else: the API refuses more."""
+    if agent_id := stored_agent(call):
+        session.clear()
+        session["agent_id"] = agent_id
+        call.protecting = False  # its turn-taking is its own: the bridge never updates it
+
+def foreign_tool(call: Call, name: str) -> bool:
+    """Whether a tool the bridge does not have belongs to the stored agent (its HTTP tools,
+    which AssemblyAI runs): then the bridge answers nothing, and says so."""
+    if stored_agent(call):
+        call.log.info("tool %s is the stored agent's own: AssemblyAI runs it", name)
+        return True
+    return False
+
+async def check_formats(call: Call, event: dict) -> None:
+    # session.updated says the formats the session uses: a stored agent's are its own, and on
+    # the phone anything but mu-law is noise.
+    config = event.get("config") if isinstance(event.get("config"), dict) else {}
+    wrong = [f"{side} {encoding}" for side in ("input", "output") if (encoding := (
+        (config.get(side) or {}).get("format") or {}).get("encoding")) not in (None, "audio/pcmu")]
+    if wrong:
+        call.log.error("the stored agent %s has %s: store it with audio/pcmu input and output",
+                       stored_agent(call) or "of this call", " and ".join(wrong))
+        call.ending = "agent_failed"
+        await hooks("agent failed", call)
+        call.over.set()
+
+def stored_conflicts() -> str:
+    """An entry that names a stored agent and sets what it holds: the stored one would win."""
+    for number, agent in AGENTS.items():
+        if isinstance(agent, dict) and "agent_id" in agent and (
+                both := [key for key in STORED if key in agent]):
+            return (f"AGENTS[{number!r}]: agent_id and {both[0]} cannot go together: the stored "
+                    f"agent's own {both[0]} would win; set it in AssemblyAI's dashboard")
+    return ""
+
+def tools_command(arguments: list[str]) -> None:
+    """`python bridge.py tools [+15551234567]`: print, as JSON, the tools the bridge runs for
+    that number's entry (the default's without one), to add to a stored agent's tools."""
+    if len(arguments) > 1 or arguments and not E164.fullmatch(arguments[0]):
+        raise SystemExit("usage: python bridge.py tools [+15551234567]")
+    print(json.dumps(tool_definitions(agent_for(arguments[0] if arguments else "")), indent=2))
+
+AGENT_CHECKS["agent_id"] = lambda agent_id: "" if isinstance(agent_id, str) and agent_id.strip() \
+    else "agent_id must be the id of a stored agent: a string"
+CHECKS.append(stored_conflicts)
+HOOKS["session"].append(bind_stored)
+HOOKS["foreign tool"].append(foreign_tool)
+AGENT_EVENTS["session.updated"] = check_formats
+COMMANDS["tools"] = tools_command
 
 
 # ============================================================================== Part 3: running it

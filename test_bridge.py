@@ -321,6 +321,13 @@ class FakeHTTP:
         await self.server.wait_closed()
 
 
+def free_port() -> int:
+    """A port that is free now, for a bridge process to take."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 class BridgeProcess:
     """bridge.py run as a real process on a free port; its log lines are read as they come."""
 
@@ -330,9 +337,7 @@ class BridgeProcess:
         """Start bridge.py (or a copy of part of it); with `files`, under that soft and hard
         limit of open files."""
         self = cls()
-        with socket.socket() as probe:  # a port that is free now, for the bridge to take
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = free_port()
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, script, cwd=os.path.dirname(script),
             env={**os.environ, "PORT": str(self.port), "LOG_LEVEL": "INFO",
@@ -3047,6 +3052,154 @@ class CallsAPI(BridgeTest):
         await self.log.wait_for(r"^the calls API could not place a call to \+15550001111: Twilio "
                                 "refused it: 21215 Geo permission configuration is not "
                                 "permitting call$")
+
+
+class StoredAgents(BridgeTest):
+    """An AGENTS entry may bind a stored agent by its id; the bridge runs its own tools for it."""
+
+    STORED = "+15557770001"  # a number whose entry names a stored agent
+
+    async def asyncSetUp(self):
+        await super().asyncSetUp()
+        self.agents(self.STORED, agent_id="agent_01JD7C3QH0")
+
+    async def stored_call(self, path="/stream", sid=CALL_SID) -> tuple[TwilioStream, AgentSession]:
+        twilio = await TwilioStream.open(self.port, path, sid, parameters={
+            "From": "+15550001111", "To": self.STORED, "Direction": "inbound"})
+        agent = await self.agent.next_session()
+        await agent.wait_for(lambda a: a.received)
+        return twilio, agent
+
+    async def test_a_stored_agents_session_says_its_id_and_nothing_else(self):
+        """The first message binds the stored agent, with nothing beside its id; nothing later
+        updates it (a protected greeting of the default entry included)."""
+        self.agents(protect_greeting=True)
+        twilio, agent = await self.stored_call()
+        self.assertEqual(agent.received, [{"type": "session.update",
+                                           "session": {"agent_id": "agent_01JD7C3QH0"}}])
+        await agent.send({"type": "session.ready", "session_id": "sess_stored"})
+        await agent.speak("reply_greeting", [audio("stored hello", 0, 300)])
+        await self.round_trip(twilio, agent)
+        self.assertEqual(len(agent.of("type", "session.update")), 1)
+
+    async def test_its_bridge_tools_run_and_its_own_tools_are_left_to_assemblyai(self):
+        """end_call is run and answered, with the goodbye before the hang-up; a tool the
+        bridge does not have (an HTTP tool) gets no answer, one line, and the call goes on."""
+        twilio, agent = await self.stored_call()
+        await agent.send({"type": "session.ready", "session_id": "sess_stored"})
+        await agent.send({"type": "reply.started", "reply_id": "reply_lookup"})
+        await agent.send({"type": "tool.call", "call_id": "http_1", "name": "check_order",
+                          "arguments": {"order": "A-1001"}})
+        await agent.send({"type": "reply.done", "reply_id": "reply_lookup"})
+        await self.log.wait_for(r"tool check_order is the stored agent's own: AssemblyAI runs it")
+        await self.round_trip(twilio, agent)
+        self.assertEqual(agent.of("type", "tool.result"), [])
+        result = await self.agree_to(agent, "end_call")
+        self.assertEqual((result["call_id"], result["is_error"]), ("call_end_call", False))
+        await agent.speak("reply_bye", [audio("bye", 0, 300)])
+        await twilio.echo(await twilio.next_mark())
+        self.assertEqual(await twilio.closed(), 1000)
+        await self.log.wait_for(r"call ended after [\d.]+ s \(the agent hung up\)")
+
+    async def test_an_inline_agent_is_still_told_it_has_no_such_tool(self):
+        """A call to a number whose entry is inline gets an error result for an unknown tool."""
+        twilio, agent = await self.start_call()
+        await agent.send({"type": "reply.started", "reply_id": "reply_1"})
+        await agent.send({"type": "tool.call", "call_id": "c1", "name": "check_order",
+                          "arguments": {}})
+        await agent.send({"type": "reply.done", "reply_id": "reply_1"})
+        result, = await agent.wait_for(lambda a: a.of("type", "tool.result"))
+        self.assertTrue(result["is_error"])
+        self.assertIn("no tool named 'check_order'", result["result"])
+
+    async def test_a_voicemail_runs_the_entry_inline_and_a_rejoin_binds_it_again(self):
+        """A voicemail needs a greeting of the bridge's: inline. A call that rejoins binds the
+        stored agent again."""
+        _, agent = await self.stored_call("/voicemail-stream")
+        session = agent.received[0]["session"]
+        self.assertEqual(session["greeting"], "Hi, this is your AI assistant. Sorry we missed "
+                                              "you: please call us back. Goodbye.")
+        self.assertIn("system_prompt", session)
+        _, agent = await self.stored_call("/rejoin-stream", "CA" + "2" * 32)
+        self.assertEqual(agent.received[0]["session"], {"agent_id": "agent_01JD7C3QH0"})
+
+    async def test_a_stored_agent_that_speaks_anything_but_mulaw_ends_the_call(self):
+        """session.updated says the output is PCM: one line names the fix, and the caller
+        hears the apology."""
+        rest = await self.twilio_api(**{CALL_SID: 200})
+        twilio, agent = await self.stored_call()
+        await agent.send({"type": "session.updated", "config": {
+            "input": {"format": {"encoding": "audio/pcmu"}},
+            "output": {"format": {"encoding": "audio/pcm", "sample_rate": 24000}}}})
+        await self.log.wait_for(r"the stored agent agent_01JD7C3QH0 has output audio/pcm: store "
+                                "it with audio/pcmu input and output")
+        self.assertEqual((await rest.next_request())["form"], {"Twiml": [APOLOGY_TWIML]})
+        self.assertEqual(await twilio.closed(), 1000)
+
+    async def test_entries_that_would_lose_to_the_stored_agent_are_refused_at_start_up(self):
+        """agent_id beside a key the stored agent holds, or an agent_id that is no string:
+        one line, exit 1. Beside the bridge's own keys, it starts."""
+        cases = {
+            '"+15552223333": {"agent_id": "agent_1", "system_prompt": "Hi"}':
+                "AGENTS['+15552223333']: agent_id and system_prompt cannot go together: the "
+                "stored agent's own system_prompt would win; set it in AssemblyAI's dashboard",
+            '"+15552223333": {"agent_id": "agent_1", "turn_detection": {}}':
+                "AGENTS['+15552223333']: agent_id and turn_detection cannot go together: the "
+                "stored agent's own turn_detection would win; set it in AssemblyAI's dashboard",
+            '"+15552223333": {"agent_id": ""}':
+                "AGENTS['+15552223333']: agent_id must be the id of a stored agent: a string",
+            '"+15552223333": {"agent_id": 42}':
+                "AGENTS['+15552223333']: agent_id must be the id of a stored agent: a string",
+            '"+15552223333": {"agent_id": "agent_1", "transfers": {"desk": "+15557650001"}, '
+            '"fallback": "+15557650002", "busy_message": "Busy."}': None,
+        }
+        outcomes = await asyncio.gather(*(self.start_with(entry) for entry in cases))
+        for (entry, line), (code, err) in zip(cases.items(), outcomes):
+            with self.subTest(entry=entry):
+                if line:
+                    self.assertEqual((code, err), (1, line + "\n"))
+                else:
+                    self.assertIn("listening on port", err)
+
+    async def start_with(self, entry: str) -> tuple[int, str]:
+        """Run a copy of bridge.py with one more AGENTS entry; its exit code and log."""
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        with open(os.path.join(HERE, "bridge.py")) as source:
+            text = source.read().replace("AGENTS = {\n", "AGENTS = {\n    " + entry + ",\n", 1)
+        with open(os.path.join(folder, "bridge.py"), "w") as copy:
+            copy.write(text)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, os.path.join(folder, "bridge.py"), cwd=folder,
+            env={**os.environ, "ASSEMBLYAI_API_KEY": "k", "PORT": str(free_port()),
+                 "LOG_LEVEL": "INFO"},
+            stderr=subprocess.PIPE)
+        line = (await asyncio.wait_for(process.stderr.readline(), 4 * TIMEOUT)).decode()
+        if "listening on port" in line:
+            process.kill()  # it started: enough
+            await process.wait()
+            return 0, line
+        return await asyncio.wait_for(process.wait(), TIMEOUT), line
+
+    async def test_the_tools_command_prints_the_tools_to_give_a_stored_agent(self):
+        """python bridge.py tools [NUMBER]: the entry's tools in the API's function format, as
+        JSON on standard output and nothing else; a number's own destinations included."""
+        env = {**os.environ, "TWILIO_ACCOUNT_SID": "AC1", "TWILIO_AUTH_TOKEN": "t",
+               "TRANSFER_NUMBER": "+15557654321", "LOG_LEVEL": "INFO"}
+        for arguments in ((), ("+15552223333",)):
+            with self.subTest(arguments=arguments):
+                process = await asyncio.create_subprocess_exec(
+                    sys.executable, os.path.join(HERE, "bridge.py"), "tools", *arguments, cwd=HERE,
+                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                out, err = await asyncio.wait_for(process.communicate(), 4 * TIMEOUT)
+                self.assertEqual((process.returncode, err), (0, b""))
+                tools = json.loads(out)
+                self.assertEqual([tool["name"] for tool in tools], [
+                    "generate_random_number", "end_call", "look_up_caller", "transfer_call",
+                    "send_digits", "send_text"])
+                self.assertEqual(set(tools[0]), {"type", "name", "description", "parameters"})
+                self.assertEqual(tools[3]["parameters"]["properties"]["destination"]["enum"],
+                                 ["a person"])
 
 
 # =========================================================== Part 3: running it
