@@ -1430,7 +1430,7 @@ class Agents(BridgeTest):
                 "AGENTS['+15552223333']: unknown key 'prompt' (known keys: system_prompt, "
                 "greeting, outbound_greeting, voice, tools, keyterms, voicemail, transfers, "
                 "turn_detection, transcription_mode, language_codes, protect_greeting, "
-                "time_warning_seconds, fallback, fallback_message, busy_message, "
+                "time_warning_seconds, fallback, fallback_message, busy_message, agent_id, "
                 "rejoin_greeting)",
             '"5552223333": {}': "AGENTS['5552223333']: a key must be \"default\" or one of your "
                                 "numbers in E.164 form (+15551234567)",
