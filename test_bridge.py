@@ -31,6 +31,7 @@ import threading
 import time
 import unittest
 import urllib.parse
+import wave
 import weakref
 from unittest import mock
 from xml.etree import ElementTree
@@ -3202,6 +3203,71 @@ class StoredAgents(BridgeTest):
                                  ["a person"])
 
 
+class Talk(BridgeTest):
+    """python test_bridge.py talk: a call without a phone, against a bridge on this machine."""
+
+    def setUp(self):
+        self.folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.folder)
+
+    def wav(self, name: str, frames: bytes, rate: int = 8000, kind: int = 7,
+            channels: int = 1) -> str:
+        """A WAV file of these frames, as written: mu-law (7) or 16-bit PCM (1)."""
+        bits = 8 if kind == 7 else 16
+        form = (kind.to_bytes(2, "little") + channels.to_bytes(2, "little")
+                + rate.to_bytes(4, "little") + (rate * channels * bits // 8).to_bytes(4, "little")
+                + (channels * bits // 8).to_bytes(2, "little") + bits.to_bytes(2, "little"))
+        chunks = b"fmt " + len(form).to_bytes(4, "little") + form + b"data" + len(
+            frames).to_bytes(4, "little") + frames
+        path = os.path.join(self.folder, name)
+        with open(path, "wb") as file:
+            file.write(b"RIFF" + (4 + len(chunks)).to_bytes(4, "little") + b"WAVE" + chunks)
+        return path
+
+    async def test_the_agent_hears_the_wav_in_real_time_and_its_answer_is_written(self):
+        """A mu-law WAV reaches the agent byte for byte, frame by frame, in its own time; what
+        the agent says, its goodbye's mark echoed once played, is the reply WAV. Signed."""
+        self.settings(TWILIO_AUTH_TOKEN="secret")
+        said = bytes(range(256)) * 12 + bytes(128)  # 0.4 s
+        question, reply = self.wav("question.wav", said), os.path.join(self.folder, "reply.wav")
+        talking = asyncio.create_task(talk(self.port, question, reply, quiet=0.3))
+        agent = await self.agent.next_session()
+        await agent.wait_for(lambda a: a.of("type", "session.update"))
+        await agent.send({"type": "session.ready", "session_id": "sess_talk"})
+        greeting = bytes([20]) * 160
+        await agent.speak("reply_greeting", [base64.b64encode(greeting).decode()])
+        await agent.wait_for(lambda a: len(a.audio_in()) == 20)
+        self.assertEqual(b"".join(base64.b64decode(frame) for frame in agent.audio_in()), said)
+        answer = [bytes([n]) * 160 for n in range(30, 40)]
+        await self.agree_to(agent, "end_call")
+        await agent.speak("reply_bye", [base64.b64encode(frame).decode() for frame in answer])
+        heard = await asyncio.wait_for(talking, TIMEOUT)
+        self.assertGreaterEqual(heard["seconds"], 0.4)  # the WAV's own time, at least
+        self.assertEqual((heard["sent"], heard["said"]), (0.4, 0.22))
+        with wave.open(reply) as written:
+            self.assertEqual((written.getframerate(), written.getnchannels()), (8000, 1))
+            samples = written.readframes(written.getnframes())
+        self.assertEqual(samples, b"".join(ulaw_to_linear(byte).to_bytes(2, "little", signed=True)
+                                           for byte in greeting + b"".join(answer)))
+        await self.log.wait_for(r"call ended after [\d.]+ s \(the agent hung up\)")
+
+    def test_other_rates_are_converted_and_other_formats_named_with_the_fix(self):
+        """16-bit PCM at 16 kHz becomes half as many 8 kHz mu-law samples; stereo, or 24-bit,
+        is one line saying how to convert it."""
+        tone = b"".join(round(8000 * math.sin(2 * math.pi * 440 * n / 16000)).to_bytes(
+            2, "little", signed=True) for n in range(1600))
+        converted = mulaw_of_wav(self.wav("tone.wav", tone, 16000, kind=1))
+        self.assertEqual(converted, bytes(bridge.mulaw(int.from_bytes(
+            tone[4 * n:4 * n + 2], "little", signed=True)) for n in range(800)))
+        for path in (self.wav("stereo.wav", tone, 16000, kind=1, channels=2),
+                     self.wav("deep.wav", tone, 16000, kind=3)):
+            with self.assertRaises(SystemExit) as refused:
+                mulaw_of_wav(path)
+            self.assertEqual(str(refused.exception), f"{path} is not a mono WAV of 16-bit PCM "
+                                                     "or mu-law: convert it: sox in.wav -r 8000 "
+                                                     "-c 1 out.wav")
+
+
 # =========================================================== Part 3: running it
 # Retries, signatures, HTTP limits, hostile input, metrics, start-up, redeploys.
 
@@ -4685,9 +4751,147 @@ def bench_options(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# --------------------------------------------------------------------------- a call without a phone
+# python test_bridge.py talk question.wav [--out reply.wav] [--port PORT]: plays Twilio against
+# a bridge running on this machine (python bridge.py, with a real ASSEMBLYAI_API_KEY): the
+# webhook, then the Media Stream, the WAV as the caller's voice in real time, and what the agent
+# says back, written to a WAV. Signed as Twilio signs, with TWILIO_AUTH_TOKEN from the
+# environment or .env. Not a test; the test of it is Talk.
+
+WAV_HINT = "convert it: sox in.wav -r 8000 -c 1 out.wav"
+
+def mulaw_of_wav(path: str) -> bytes:
+    """A WAV's sound as 8 kHz mu-law: from 16-bit PCM or mu-law, mono, at any rate."""
+    with open(path, "rb") as file:
+        data = file.read()
+    chunks, at = {}, 12
+    while at + 8 <= len(data) and data[:4] == b"RIFF" and data[8:12] == b"WAVE":
+        size = int.from_bytes(data[at + 4:at + 8], "little")
+        chunks.setdefault(data[at:at + 4], data[at + 8:at + 8 + size])
+        at += 8 + size + size % 2
+    kind, channels, rate = (int.from_bytes(chunks.get(b"fmt ", b"")[i:i + n], "little")
+                            for i, n in ((0, 2), (2, 2), (4, 4)))
+    bits = int.from_bytes(chunks.get(b"fmt ", b"")[14:16], "little")
+    if (kind, bits) not in ((1, 16), (7, 8)) or channels != 1 or b"data" not in chunks:
+        raise SystemExit(f"{path} is not a mono WAV of 16-bit PCM or mu-law: {WAV_HINT}")
+    sound = chunks[b"data"]
+    if kind == 7 and rate == 8000:
+        return sound
+    samples = ([ulaw_to_linear(byte) for byte in sound] if kind == 7 else
+               [int.from_bytes(sound[i:i + 2], "little", signed=True)
+                for i in range(0, len(sound) - 1, 2)])
+    at_8k = [samples[min(int(n * rate / 8000), len(samples) - 1)]  # the nearest sample
+             for n in range(len(samples) * 8000 // rate)]
+    return bytes(bridge.mulaw(sample) for sample in at_8k)
+
+def write_wav(path: str, mulaw: bytes) -> None:
+    """Write 8 kHz mu-law as a 16-bit PCM WAV any player plays."""
+    with wave.open(path, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(8000)
+        out.writeframes(b"".join(ulaw_to_linear(byte).to_bytes(2, "little", signed=True)
+                                 for byte in mulaw))
+
+class Caller(TwilioStream):
+    """Twilio's side of a call as talk plays it: the agent's audio plays in real time, and a
+    mark is echoed once the audio before it has played."""
+
+    said = b""  # the agent's audio, as it came
+    playing_until = 0.0  # when what has come so far will have played
+    over = False  # the bridge has closed the line
+
+    async def read(self):
+        await super().read()
+        async with self.changed:
+            self.over = True
+            self.changed.notify_all()
+
+    async def react(self, event: dict):
+        loop = asyncio.get_running_loop()
+        if event["event"] == "media":
+            audio = base64.b64decode(event["media"]["payload"])
+            self.said += audio
+            self.playing_until = max(self.playing_until, loop.time()) + len(audio) / 8000
+        elif event["event"] == "clear":
+            self.playing_until = loop.time()
+        elif event["event"] == "mark":
+            loop.call_at(self.playing_until, lambda: asyncio.ensure_future(self.played(event)))
+
+    async def played(self, mark: dict):
+        with contextlib.suppress(ConnectionClosed):
+            await self.echo(mark)
+
+async def talk(port: int, wav: str, out: str, quiet: float = 1.5, most: float = 20) -> dict:
+    """One call to the bridge on this port: once the agent has greeted, say what the WAV says;
+    once it has answered and been quiet for `quiet` s (at most `most` s), hang up, and write
+    all it said to `out`."""
+    sound, sid = mulaw_of_wav(wav), "CA" + os.urandom(16).hex()
+    form = {"CallSid": sid, "AccountSid": "AC" + "0" * 32, "From": "+15550001111",
+            "To": "+15552223333", "Direction": "inbound", "CallStatus": "ringing"}
+    base = bridge.PUBLIC_URL or f"https://127.0.0.1:{port}"
+    headers = {"Host": base.partition("://")[2]}
+    if bridge.TWILIO_AUTH_TOKEN:
+        headers["X-Twilio-Signature"] = signature(bridge.TWILIO_AUTH_TOKEN, base + "/twiml", form)
+    status, _, document = await asyncio.to_thread(http_request, port, "POST", "/twiml",
+                                                  form=form, headers=headers)
+    if status != 200:
+        raise SystemExit(f"the bridge answered POST /twiml with {status}: {document.strip()}")
+    path = urllib.parse.urlsplit(ElementTree.fromstring(document).find("Connect/Stream")
+                                 .get("url")).path
+    caller = await Caller.open(port, path, sid, parameters=dict(stream_parameters(document)))
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(ConnectionClosed):
+        await agent_quiet(caller, quiet, GREETING_WAIT)  # its greeting, if it has one
+        began = loop.time()
+        for n in range(0, len(sound), 160):  # 20 ms frames, in real time
+            await asyncio.sleep(began + n / 8000 - loop.time())
+            await caller.media(base64.b64encode(sound[n:n + 160]).decode())
+        await asyncio.sleep(began + len(sound) / 8000 - loop.time())  # the last one is said
+        took = loop.time() - began
+        await agent_quiet(caller, quiet, most)  # its answer
+        await caller.stop()
+        await caller.ws.close()
+    write_wav(out, caller.said)
+    return {"sent": len(sound) / 8000, "said": len(caller.said) / 8000, "seconds": took}
+
+GREETING_WAIT = 5  # seconds talk waits for the agent's greeting before it speaks anyway
+
+async def agent_quiet(caller: Caller, quiet: float, most: float) -> None:
+    """Wait until the agent has said something, then nothing for `quiet` s once it has all
+    played; at most `most` s, or until the line closes."""
+    loop = asyncio.get_running_loop()
+    end, heard = loop.time() + most, len(caller.said)
+    async with caller.changed:
+        while not caller.over and loop.time() < end:
+            said = len(caller.said)
+            spoke = said > heard or caller.playing_until > loop.time()
+            until = min(end, max(caller.playing_until, loop.time()) + quiet if spoke else end)
+            try:
+                await asyncio.wait_for(caller.changed.wait_for(
+                    lambda: len(caller.said) > said or caller.over), until - loop.time())
+            except TimeoutError:
+                if spoke:
+                    return
+
+def talk_options(argv: list[str]) -> argparse.Namespace:
+    """talk's options: the WAV to say, where the reply goes, and the bridge's port."""
+    parser = argparse.ArgumentParser(prog="python test_bridge.py talk", allow_abbrev=False)
+    parser.add_argument("wav", help="what the caller says: a mono WAV, 16-bit PCM or mu-law")
+    parser.add_argument("--out", default="reply.wav", help="where what the agent says goes")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT") or 8080),
+                        help="the port the bridge listens on (PORT, or 8080)")
+    return parser.parse_args(argv)
+
 def main(argv: list[str]) -> None:
-    """Run the tests; or `bench [--calls N] [--seconds S] [--reports ENDING]`; or `relay`."""
-    if argv[:1] == ["relay"]:
+    """Run the tests; or `bench ...`, `relay` or `talk question.wav [--out reply.wav]`."""
+    if argv[:1] == ["talk"]:
+        options = talk_options(argv[1:])
+        heard = asyncio.run(talk(options.port, options.wav, options.out))
+        print(f"said {heard['sent']:.1f} s of audio to the bridge on port {options.port}; the "
+              f"agent said {heard['said']:.1f} s back, in {options.out} (the bridge's log has "
+              "the transcript)")
+    elif argv[:1] == ["relay"]:
         asyncio.run(minimal_relay(int(os.environ["PORT"]), os.environ["VOICE_AGENT_URL"]))
     elif argv[:1] == ["bench"]:
         options = bench_options(argv[1:])
