@@ -525,7 +525,6 @@ async def on_session_ready(call: Call, event: dict) -> None:
 # One coroutine per direction hands each event from its side to a handler; whichever side ends
 # first ends the call. Audio messages, 50 a second each way, are put together around the
 # payload rather than encoded from a dict: five times faster.
-
 def agent_audio(payload: str) -> str:
     """An input.audio message carrying Twilio's base64 mu-law exactly as it arrived."""
     return '{"type": "input.audio", "audio": ' + json.dumps(payload) + "}"
@@ -970,7 +969,6 @@ def main(argv: list[str]) -> None:
 # TWILIO_AUTH_TOKEN): moved to new TwiML, recorded, texted. Its requests block a thread, so
 # they get threads of their own, never the tools'. If the Voice Agent API fails during a call,
 # Twilio apologizes in its own voice instead of leaving the caller in silence.
-
 TWILIO_THREADS = ThreadPoolExecutor(max_workers=100, thread_name_prefix="twilio")
 MAX_TWIML = 4000  # characters of TwiML a call update may carry: Twilio refuses more (32018)
 MOVED_SECONDS = 120  # how long this process remembers moving a call (see stream_ended)
@@ -1047,13 +1045,11 @@ def credentials_note() -> None:
 HOOKS["agent failed"].append(apologize)
 HOOKS["serving"].append(credentials_note)
 
-
 # ------------------------------------------------------------------------ call facts and variables
 # Needs Part 1. The facts of a call that reach the agent: Twilio's fields, and the call's
 # variables, lowercase names on the webhook URL's query string (Twilio's own fields are all
 # capitalized). They ride with the call as <Parameter>s, bounded to fit, and end the agent's
 # system prompt as quoted data. Greetings use them too: "Hi {name}, from {To}".
-
 VARIABLE = re.compile(r"[a-z][a-z0-9_]*")  # the name of a call variable
 MAX_PARAMETER = 499  # bytes of a <Parameter>'s name plus UTF-8 value: Twilio wants under 500
 MAX_VARIABLES = 20  # call variables a call carries
@@ -1137,11 +1133,9 @@ TOOLS["look_up_caller"] = {
 }
 AGENTS["default"]["tools"].append("look_up_caller")
 
-
 # -------------------------------------------------------------- per-number agents and their checks
 # Needs Part 1. AGENTS is checked when the server starts, so that a typo stops it with one line
 # instead of failing a caller later. Later chapters add the keys they read, and their checks.
-
 E164 = re.compile(r"\+[1-9][0-9]{1,14}")  # a phone number: +15551234567, in ASCII digits
 AGENT_KEYS = {"system_prompt": (str,), "greeting": (str, tuple), "outbound_greeting": (str, tuple),
               "voice": (str,), "tools": (list,)}  # what each key holds; "default" has them all
@@ -1188,14 +1182,12 @@ def words_problem(key: str, words) -> str:
 
 CHECKS.append(agents_problem)
 
-
 # ---------------------------------------------------------------- steering, the keypad and silence
 # Needs Part 1. The bridge can make the agent speak: a reply.create carries instructions it
 # replies to at once, sent only while the agent is not speaking (during the greeting it would
 # replace the greeting). Keys the caller presses reach the agent that way, as one entry; so does
 # silence: a caller who says nothing for SILENCE_SECONDS, counted from when the agent's words
 # have been heard, is asked whether they are there, and the next time, said goodbye to.
-
 SILENCE_SECONDS = number("SILENCE_SECONDS", 30)  # of caller silence; 0: never nudge
 KEYPAD = "123A456B789C*0#D"  # a phone's keys, row by row, as DTMF tones pair them
 KEYPAD_PAUSE = 2  # seconds after the caller's last key that end a keypad entry (so does #)
@@ -1380,7 +1372,6 @@ HOOKS["tool done"].append(tool_done)
 HOOKS["turn"].append(send_steers)
 HOOKS["agent lost"].append(reply_lost)
 
-
 # ------------------------------------------------------------------------- tuning the conversation
 # Needs steering. Each AGENTS entry may tune how its conversation takes turns, with the Voice
 # Agent API's own fields: "keyterms" (words the recognizer should expect), "turn_detection"
@@ -1389,7 +1380,6 @@ HOOKS["agent lost"].append(reply_lost)
 # (a recording notice), though the caller's words are heard; then the entry's own turn-taking
 # comes back. "time_warning_seconds" (60; 0: none): that long before MAX_CALL_SECONDS the agent
 # is asked to wrap up, and at it, to say goodbye; the call ends once the goodbye has been heard.
-
 MAX_CALL_SECONDS = number("MAX_CALL_SECONDS", 3600)  # then the agent says goodbye, and hangs up
 TIME_WARNING = ("The call must end in about {seconds} seconds. Tell the caller so, kindly, and "
                 "help them wrap up.")
@@ -1492,13 +1482,11 @@ HOOKS["speech started"].append(interruptible)
 HOOKS["reply done"].append(greeting_over)
 HOOKS["start"].append(time_the_call)
 
-
 # ------------------------------------------------ outbound calls, answering machines and voicemail
 # Needs the REST API, call facts and the agents' checks. `python bridge.py call +1... name=Ada`
 # places a call with variables; it asks Twilio to listen for an answering machine meanwhile:
 # after its beep, the call is moved to a fresh stream where the agent leaves a voicemail, and
 # hangs up.
-
 NGROK_API = "http://127.0.0.1:4040/api/tunnels"  # the local ngrok agent, asked for its URL
 DESTINATION = re.compile(E164.pattern + r"|sip:[!#-&(-;=?-~]+")  # a number, or a sip: address
 TWILIO_FACTS.append("AnsweredBy")  # the answering machine's verdict
@@ -1615,7 +1603,6 @@ COMMANDS["call"] = lambda arguments: print(
     call_from_command_line(arguments[0] if arguments else "", arguments[1:]))
 CHECKS.append(public_url_problem)
 
-
 # --------------------------------------------------------------------------------------- transfers
 # Needs the REST API, call facts, the agents' checks, steering and outbound calls. The agent
 # hands the caller to a person: after its hand-off sentence has been heard, Twilio dials the
@@ -1624,7 +1611,6 @@ CHECKS.append(public_url_problem)
 # Each AGENTS entry names its destinations ("transfers"); TRANSFER_NUMBER is the default's only
 # one. {"to": "+1...", "accept": False} rings straight through, with no key to press. The same
 # dial puts the caller through to the entry's "fallback" person when the agent fails.
-
 TRANSFER_NUMBER = os.environ.get("TRANSFER_NUMBER", "")  # +15551234567: agent may transfer
 TRANSFER_RING_SECONDS = number("TRANSFER_RING_SECONDS", 20)  # then back to the agent
 FALLBACK_NUMBER = os.environ.get("FALLBACK_NUMBER", "")  # a person, if the agent fails
@@ -1843,12 +1829,10 @@ WEBHOOKS["/fallback-done"] = dial_done
 WEBHOOKS["/whisper"] = whisper
 WEBHOOKS["/whisper-answer"] = whisper_answer
 
-
 # ---------------------------------------------------------------------------------------- keys out
 # Needs steering (its keypad). send_digits presses keys for the agent, to get through a phone
 # menu: the bridge plays their DTMF tones into the call itself (in-band), the only audio it
 # makes, and answers the agent once Twilio says they have played.
-
 def mulaw(sample: int) -> int:
     """One 16-bit linear sample as a G.711 mu-law byte."""
     sign = 0x80 if sample < 0 else 0
@@ -1905,13 +1889,11 @@ AGENTS["default"]["tools"].append("send_digits")
 GIVEN["play"] = lambda call: partial(play, call)  # a tool with a `play` parameter plays audio
 HOOKS["speech started"].append(tones_quiet)
 
-
 # --------------------------------------------------------------------------- texts during a call
 # Needs the REST API and call facts. send_text lets the agent text the person on the call ("I've
 # texted you the link"), from the number the call is on, through Twilio's Messages resource.
 # It takes no number from the model: it texts only the caller. At most MAX_TEXTS a call, of
 # MAX_TEXT characters. Whether the caller agreed to texts, and when, is yours to decide.
-
 MAX_TEXTS = 3  # texts one call may send
 MAX_TEXT = 640  # characters in one text
 
@@ -1945,12 +1927,10 @@ TOOLS["send_text"] = {
 AGENTS["default"]["tools"].append("send_text")
 GIVEN["counts"] = lambda call: call.counts  # a tool with a `counts` parameter keeps counts
 
-
 # --------------------------------------------------------------------------------------- recording
 # Needs the REST API. RECORD_CALLS: Twilio records each call, a channel for each side, and
 # tells /recording-status where the recording is once it is done. Tell your callers: recording
 # laws differ.
-
 RECORD_CALLS = switch("RECORD_CALLS")  # dual-channel, by Twilio
 
 def record(call: Call, details: dict) -> None:
@@ -1985,13 +1965,11 @@ HOOKS["start"].append(record)
 HOOKS["serving"].append(recording_note)
 WEBHOOKS["/recording-status"] = recording_status
 
-
 # ----------------------------------------------------------------------------------- the calls API
 # Needs the REST API and outbound calls. POST /calls, behind CALLS_API_TOKEN, places an
 # outbound call for an application, as `python bridge.py call` does: a form or JSON with `to`
 # and the call variables. It may take at most CALLS_IN_FLIGHT of the REST API's threads, so a
 # flood of requests never holds up a live call's apology or transfer: beyond that, 503 at once.
-
 CALLS_API_TOKEN = os.environ.get("CALLS_API_TOKEN", "")  # set: POST /calls places calls
 CALLS_IN_FLIGHT = 50  # calls API requests waiting on Twilio at once; more get 503 at once
 CALLS_API_WAIT = 2 * TWILIO_API_TIMEOUT  # seconds, then 504: well inside the HTTP handshake's
@@ -2080,7 +2058,6 @@ def json_answer(hook: Webhook, status: int, body: dict) -> Response:
 
 WEBHOOKS["/calls"] = calls_api
 
-
 # ----------------------------------------------------------------------------------- stored agents
 # Needs the agents' checks, tuning, and voicemail. An AGENTS entry may name a stored agent, by
 # its "agent_id": its prompt, greeting, voice, tools and turn-taking are kept by AssemblyAI (its
@@ -2162,7 +2139,6 @@ COMMANDS["tools"] = tools_command
 # drop mid-call. The bridge tries again: a dropped session is resumed where it was; one the
 # server no longer knows is replaced by a new one, without a second greeting. When nothing
 # works, the agent has failed (Part 2: an apology, or a person).
-
 OPEN_DELAYS.append(0.5)  # seconds before a second try to open a call's agent session
 RETRY_DELAYS = (0, 0.5, 1, 2, 4)  # seconds before each try to get a dropped session back
 RECONNECT_SECONDS = 10  # at most this long trying, before the agent has failed
@@ -2246,11 +2222,9 @@ HOOKS["agent lost"].append(session_back)
 AGENT_EVENTS["session.error"] = on_session_error
 AGENT_EVENTS["error"] = on_session_error  # AssemblyAI's older examples name it so
 
-
 # -------------------------------------------------------------------------------- start-up checks
 # Needs Part 1. A setting that cannot work stops the server at once, with one line naming it;
 # and the process takes the resources thousands of calls need.
-
 def key_problem() -> str:
     """What is wrong with ASSEMBLYAI_API_KEY (set: Part 1 checks that), or PORT; "" if nothing."""
     if ASSEMBLYAI_API_KEY.strip("<>").lower().startswith("your"):
@@ -2295,12 +2269,10 @@ def take_resources() -> None:
 CHECKS.insert(0, key_problem)
 HOOKS["serving"].insert(0, take_resources)
 
-
 # ----------------------------------------------------------------------------------- HTTP requests
 # Needs Part 1. Every request gets an answer with a status, whatever it holds: a head too large
 # (431), a body too large (413), or a head Twilio would never send (400, 411) is refused before
 # anything reads it; and a path the server does not answer is logged, once a minute.
-
 MAX_REQUEST_HEAD = 2**14  # bytes of request line and headers (websockets: 128 lines of 8 KiB)
 MAX_WEBHOOK_BODY = 2**16  # bytes; Twilio's form posts are a few hundred bytes
 
@@ -2343,11 +2315,9 @@ def refuse(connection: WebhookConnection, status: str) -> bool:
 
 HEAD_CHECKS.append(unusual_request)
 
-
 # -------------------------------------------------------------------------------------- signatures
 # Needs Part 1. With TWILIO_AUTH_TOKEN set, every webhook and Media Stream must carry Twilio's
 # signature: otherwise anyone who finds this server's URL could start agent sessions on your key.
-
 NOT_FROM_TWILIO = {"/health", "/metrics", "/calls"}  # not signed by Twilio; /calls has a token
 
 def unsigned(hook: Webhook) -> Response | None:
@@ -2406,12 +2376,10 @@ def signatures_note() -> None:
 REFUSALS.append(unsigned)
 HOOKS["serving"].insert(0, signatures_note)
 
-
 # -------------------------------------------------------------------- metrics and the summary line
 # Needs Part 1. GET /metrics, in Prometheus' text format, and GET /health for a load balancer;
 # and the call's summary line. The counts are this process's since it started, added as each
 # call ends; no phone number is in them.
-
 METRICS = {  # family -> its type, and what it counts; later chapters add theirs
     "bridge_calls_active": ("gauge", "Calls in progress."),
     "bridge_calls_total": ("counter", "Calls ended, by how they ended."),
@@ -2522,12 +2490,10 @@ HOOKS["first audio"].append(answer_heard)
 WEBHOOKS["/health"] = health
 WEBHOOKS["/metrics"] = metrics
 
-
 # ----------------------------------------------------------------------------------- hostile input
 # Needs call facts, and metrics (the live calls). Ids and text off the wire are checked before
 # they are used, and escaped in the log; a message that cannot be used is counted, and only
 # the first of a call logged.
-
 STREAM_SID = re.compile(r"MZ[0-9a-fA-F]{32}")  # a Media Stream's id
 TWILIO_AUDIO = {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}  # in `start`
 
@@ -2578,7 +2544,6 @@ HOOKS["start"].append(hears_mulaw)
 HOOKS["malformed"].append(malformed)
 log.addFilter(Escaped())
 
-
 # ---------------------------------------------------------------------- a full process, a lost one
 # Needs the REST API, call facts, transfers and metrics. MAX_CALLS caps the live calls one
 # process serves: a call past it is answered at once, with the agent's fallback person, or its
@@ -2588,7 +2553,6 @@ log.addFilter(Escaped())
 # through the REST API by then, so that request says the process carrying the call died (a
 # crash, kill -9, a lost node, or a drain that ran out): whichever process gets it answers
 # with a fresh stream for the same call, from the facts on its URL.
-
 MAX_CALLS = number("MAX_CALLS", 0, whole=True)  # live calls one process serves; 0: no limit
 MAX_REJOINS = 2  # streams lost in one call before the fallback, or the apology, ends it
 STREAMS["/rejoin-stream"] = {"greeting": "rejoin_greeting", "later": True}  # its process died
@@ -2712,12 +2676,10 @@ HOOKS["refuse stream"].append(no_room)
 HOOKS["start"].append(lambda call, details: unstarted.pop(call.sid, None))  # it came
 HOOKS["end"].append(end_in_twilio)
 
-
 # ------------------------------------------------------------------------------------- redeploys
 # Needs metrics, and a full process. SIGTERM (or Ctrl-C) drains the process: webhooks for new
 # calls get 503, so Twilio tries its fallback URL, while live calls, and calls answered but
 # not yet streaming, go on for up to DRAIN_SECONDS. A second signal exits at once.
-
 DRAIN_SECONDS = number("DRAIN_SECONDS", 300)  # for live calls to end on SIGTERM
 NEW_CALLS = {"/twiml", "/outbound-twiml", "/calls", "/health"}  # 503 once the process drains
 METRICS["bridge_draining"] = ("gauge", "1 once the process is stopping: it takes no new calls.")
@@ -2758,12 +2720,10 @@ def second_signal() -> None:
 REFUSALS.append(turned_away)
 HOOKS["stopping"].append(drain)
 
-
 # ------------------------------------------------------------------------------- masking what is said
 # Needs Part 1. REDACT=true masks what looks like personal data in what a call says (its
 # transcript and tool lines), in the log and in the call's report alike. A net of patterns,
 # not a guarantee: README.md says what it misses.
-
 REDACT = switch("REDACT")  # mask card and social security numbers, emails, phone numbers
 EMAIL = re.compile(r"(?<![\w.+-])[\w.+-]+@[\w-]+(\.[\w-]+)+")  # tried once per word: linear
 # A run of digits in groups, as a number is written or transcribed: 4111 1111 1111 1111,
@@ -2811,7 +2771,6 @@ def luhn(digits: str) -> bool:
 
 MASKS.append(masked)
 
-
 # ------------------------------------------------------------------------------------ call reports
 # Needs call facts, steering, transfers and metrics. With REPORT_URL set, each call's stream
 # POSTs one JSON document there as it ends (event "call.ended"): who called, what was said,
@@ -2819,7 +2778,6 @@ MASKS.append(masked)
 # calls for it; once the document is handed to the sender, nothing of the call is kept.
 # Without REPORT_URL, nothing is kept at all. A report is signed with REPORT_SECRET, sent in
 # the background, and tried again on a timeout, a 429 or a 5xx; a drain waits for it.
-
 REPORT_URL = os.environ.get("REPORT_URL", "")  # https://..., or http://localhost... to test
 REPORT_SECRET = os.environ.get("REPORT_SECRET", "")  # signs each report: X-Bridge-Signature
 REPORT_TIMEOUT = 5  # seconds for one attempt to deliver a report
