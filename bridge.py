@@ -8,6 +8,7 @@ plays the agent's voice back. Both sides speak G.711 mu-law at 8 kHz, so nothing
     python bridge.py                    serve calls on PORT (default 8080)
     python bridge.py call +15551234567  have the agent call someone (needs TWILIO_* settings)
     python bridge.py call +15551234567 name=Ada "reason=your order"   ...with call variables
+    python bridge.py tools [+15551234567]  the tools to give a stored agent, as JSON
 
 It needs Python 3.11+, websockets 17+ and python-dotenv (pip install -r requirements.txt).
 Settings come from the environment, or from a .env file beside this one: ASSEMBLYAI_API_KEY is
