@@ -4462,7 +4462,7 @@ class Readme(unittest.TestCase):
 
     def test_the_add_a_tool_steps_make_a_working_tool(self):
         """Paste the function before TOOLS, the entry inside it: the tool is there and runs."""
-        section = self.readme.split("### Add a tool", 1)[1].split("\n## ", 1)[0]
+        section = self.readme.split("### Add a tool", 1)[1].split("\n##", 1)[0]
         function, entry = re.findall(r"```python\n(.*?)```", section, re.S)
         source = self.source.replace("TOOLS = {", function + "\n\nTOOLS = {", 1)
         start = source.index("TOOLS = {")
