@@ -514,7 +514,7 @@ async def on_session_ready(call: Call, event: dict) -> None:
     call.session_id = event.get("session_id") or ""
     call.ready = call.hears = True
     call.log.info("agent session %s %s", call.session_id, "resumed" if resumed else "ready")
-    await hooks("ready", call)  # Part 2: a voicemail, reports; Part 3: retries
+    await hooks("ready", call)  # Part 2: a voicemail; Part 3: retries, reports
     call.greeting = None
     await send_waiting(call)  # what came while it was away
 
@@ -719,7 +719,7 @@ async def run_tool(call: Call, call_id: str, name: str, arguments: dict, reply_i
         call.counts["tool failures"] += 1
         call.log.warning("tool %s(%s) failed: %s: %s", name, shown(arguments),
                          type(exc).__name__, shown(str(exc)))
-    await hooks("tool done", call, name, arguments, message, began)  # Part 2: silence...
+    await hooks("tool done", call, name, arguments, message, began)  # silence (Part 2), reports
     if reply_id in call.interrupted:
         return call.log.info("discarding the result of %s: the caller interrupted", name)
     call.results.append((message, then, arguments))
@@ -837,7 +837,7 @@ async def finish(call: Call) -> None:
                   time.monotonic() - call.started, ENDINGS[call.ending or "stream_closed"],
                   call.session_id or "none", call.counts["frames in"], call.counts["frames out"],
                   "".join(await hooks("summary", call)))  # Part 3: what else happened
-    for hook in HOOKS["end"]:  # Parts 2 and 3: each runs, whatever one before it raised
+    for hook in HOOKS["end"]:  # Part 3: each runs, whatever one before it raised
         try:
             if inspect.isawaitable(result := hook(call)):
                 await result
