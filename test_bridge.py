@@ -3083,6 +3083,26 @@ class StoredAgents(BridgeTest):
         await self.round_trip(twilio, agent)
         self.assertEqual(len(agent.of("type", "session.update")), 1)
 
+    async def test_a_dropped_session_is_resumed_and_one_the_server_forgot_bound_again(self):
+        """A dropped socket resumes the stored agent's session; if the server has forgotten it,
+        the new session binds the stored agent by its id alone again."""
+        self.settings(RETRY_DELAYS=(0, 0.01, 0.01))
+        twilio, agent = await self.stored_call()
+        await agent.send({"type": "session.ready", "session_id": "sess_stored"})
+        await self.round_trip(twilio, agent)
+        agent.ws.transport.abort()
+        again = await self.agent.next_session()
+        self.assertEqual(await again.wait_for(lambda a: a.received and a.received[0]),
+                         {"type": "session.resume", "session_id": "sess_stored"})
+        await again.send({"type": "session.error", "code": "session_not_found",
+                          "message": "no such session"})
+        await again.ws.close(1008, "session_not_found")
+        fresh = await self.agent.next_session()
+        self.assertEqual(await fresh.wait_for(lambda a: a.received and a.received[0]),
+                         {"type": "session.update", "session": {"agent_id": "agent_01JD7C3QH0"}})
+        await fresh.send({"type": "session.ready", "session_id": "sess_stored_2"})
+        await self.round_trip(twilio, fresh, tag="after")
+
     async def test_its_bridge_tools_run_and_its_own_tools_are_left_to_assemblyai(self):
         """end_call is run and answered, with the goodbye before the hang-up; a tool the
         bridge does not have (an HTTP tool) gets no answer, one line, and the call goes on."""
