@@ -1671,7 +1671,8 @@ class Silence(BridgeTest):
         self.assertEqual(await self.next_steer(agent, 1), self.NUDGE)
         self.assertEqual(agent.of("type", "tool.result"), [])
         await twilio.stop()
-        await self.log.wait_for(r"^\[CAd{32}\] call ended .*; tool calls 0; .*malformed messages 1;")
+        await self.log.wait_for(r"^\[CAd{32}\] call ended .*; tool calls 0; "
+                                r".*malformed messages 1;")
 
 
 class Tuning(BridgeTest):
@@ -2756,6 +2757,8 @@ class Reports(BridgeTest):
                 if lost:
                     await self.log.wait_for(rf"^\[{sid}\] report {sid}:call.ended lost after 4 "
                                             rf"attempts: {re.escape(lost)}$")
+                else:  # delivered: nothing said of it
+                    self.assertFalse([line for line in self.log.lines if f"report {sid}" in line])
         self.assertFalse([line for line in self.log.lines if "IndexError" in line])
 
     async def test_a_slow_lookup_of_the_report_host_holds_up_no_call(self):
@@ -3295,6 +3298,18 @@ class Talk(BridgeTest):
 class AgentFailures(BridgeTest):
     """A failing Voice Agent API: the session comes back if it can; else an apology, never
     silence."""
+
+    async def test_twiml_longer_than_twilio_takes_is_never_sent(self):
+        """A call update is sent with TwiML of up to 4,000 characters; longer TwiML (a bug
+        upstream) is one error line, and no request that Twilio would refuse (32018)."""
+        rest = await self.twilio_api(**{CALL_SID: 200})
+        logger = bridge.CallLog(bridge.log, {"call_sid": CALL_SID})
+        fits = bridge.twiml("<Say>" + "a" * (4000 - len(bridge.twiml("<Say></Say>"))) + "</Say>")
+        self.assertTrue(await bridge.redirect(logger, CALL_SID, fits))
+        self.assertFalse(await bridge.redirect(logger, CALL_SID, fits.replace("a", "aa", 1)))
+        self.assertEqual([request["form"]["Twiml"] for request in rest.requests], [[fits]])
+        await self.log.wait_for(rf"^\[{CALL_SID}\] not updating the call: its TwiML has 4001 "
+                                "characters, of 4000 at most$")
 
     async def assert_apology(self, rest: FakeHTTP, twilio: TwilioStream):
         request = await rest.next_request()
