@@ -527,6 +527,12 @@ class BridgeTest(unittest.IsolatedAsyncioTestCase):
         await agent.send({"type": "reply.done", "reply_id": "reply_tool", "status": "completed"})
         return (await agent.wait_for(lambda a: a.of("type", "tool.result")))[0]
 
+    async def hand_off(self, twilio: TwilioStream, agent: AgentSession) -> None:
+        """Have the agent transfer the call, and its hand-off sentence be heard to the end."""
+        await self.agree_to(agent, "transfer_call")
+        await agent.speak("reply_handoff", [audio("handoff", 0, 300)])
+        await twilio.echo(await twilio.next_mark())
+
     async def callback(self, path: str, form: dict) -> tuple[int, str]:
         """POST a form as Twilio does, to https://abc.ngrok.app, signed if the bridge checks."""
         headers = {"Host": "abc.ngrok.app"}
@@ -2118,10 +2124,7 @@ class Transfers(BridgeTest):
         await self.twilio_api(**{sid: 404})
         self.settings(TRANSFER_NUMBER="+15557654321")
         twilio, agent = await self.start_call(call_sid=sid)
-        await self.agree_to(agent, "transfer_call")
-        await agent.speak("reply_handoff", [audio("handoff", 0, 300)])
-        mark = await twilio.next_mark()
-        await twilio.echo(mark)
+        await self.hand_off(twilio, agent)
         await self.log.wait_for("Twilio refused to update the call: 21220 Call is not in-progress")
         await self.log.wait_for("the transfer failed: the caller stays with the agent")
         steer, = await agent.wait_for(lambda a: a.of("type", "reply.create"))
@@ -2621,9 +2624,7 @@ class Reports(BridgeTest):
         await self.twilio_api(**{CALL_SID: 200})
         self.settings(TRANSFER_NUMBER="+15557654321")
         twilio, agent = await self.start_call()
-        await self.agree_to(agent, "transfer_call")
-        await agent.speak("reply_handoff", [audio("handoff", 0, 300)])
-        await twilio.echo(await twilio.next_mark())
+        await self.hand_off(twilio, agent)
         report = json.loads((await receiver.next_request())["body"])
         self.assertEqual((report["ending"], report["transferred_to"]), ("transferred", "a person"))
         twilio = await TwilioStream.open(self.port, "/voicemail-stream", parameters={
@@ -3702,9 +3703,7 @@ class LostCalls(BridgeTest):
         await self.twilio_api(**{CALL_SID: 200})
         self.settings(TRANSFER_NUMBER="+15557654321")
         twilio, agent = await self.start_call()
-        await self.agree_to(agent, "transfer_call")
-        await agent.speak("reply_handoff", [audio("handoff", 0, 300)])
-        await twilio.echo(await twilio.next_mark())
+        await self.hand_off(twilio, agent)
         self.assertEqual(await twilio.closed(), 1000)
         bridge.unstarted.clear()  # the transfer's outcome is awaited: not what this test asks
         status, document = await self.callback("/stream-ended", {**self.FORM,
@@ -4362,9 +4361,7 @@ class Redeploys(BridgeTest):
         self.addAsyncCleanup(process.close)
         self.port = process.port
         twilio, agent = await self.start_call(call_sid=sid)
-        await self.agree_to(agent, "transfer_call")
-        await agent.speak("reply_handoff", [audio("handoff", 0, 300)])
-        await twilio.echo(await twilio.next_mark())
+        await self.hand_off(twilio, agent)
         dial = (await rest.next_request())["form"]["Twiml"][0]
         self.assertEqual(await twilio.closed(), 1000)
         process.process.send_signal(signal.SIGTERM)
